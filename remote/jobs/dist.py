@@ -1,0 +1,74 @@
+"""Just enough torch.distributed for the jobs to run unchanged under `torchrun`.
+
+    torchrun --nproc_per_node=2 -m remote.jobs.pretrain ...   # 2 CPU processes, gloo
+    python -m remote.jobs.pretrain ...                        # world of one, no process group
+
+Rank 0 alone writes the run directory; every rank reads its own slice of the data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup() -> Dist:
+    """Join the process group that torchrun describes in the environment, if any.
+
+    NCCL when CUDA is present, gloo otherwise (CPU-only VMs and the tests).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch
+    import torch.distributed as tdist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=backend)
+    return Dist(rank=rank, local_rank=local, world_size=world)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
+def all_reduce_mean(value: float, d: Dist) -> float:
+    """Average a scalar over ranks (for logging a loss every rank agrees on)."""
+    if not d.enabled:
+        return value
+    import torch
+    import torch.distributed as tdist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    tdist.all_reduce(t)
+    return float(t.item()) / d.world_size
+
+
+def cleanup(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -1,0 +1,332 @@
+"""The run directory: the contract between a job and everything downstream.
+
+Every job writes ``<runs root>/<run name>/`` with:
+
+- ``run.json``       arguments, versions, seed, status, pid, progress; rewritten atomically
+- ``train.log``      human-readable log lines (the job's own; the detached launcher sends raw
+                     stdout/stderr, progress bars included, to ``console.log``)
+- ``metrics.jsonl``  one JSON object per logged step: train rows carry ``loss``, eval rows
+                     carry ``val_loss``; both carry ``step``
+- ``ckpt.pt``        the last complete checkpoint (written to a temp file, fsynced, renamed)
+- ``loss.png``       train and val curves
+- ``model/``         a Hugging Face ``save_pretrained`` directory that TGI and the native
+                     server both load
+- ``manifest.sha256`` ``sha256sum``-format digests of the deliverables, so ``fab fetch`` (and
+                     ``sha256sum -c`` on the VM) can verify a download
+
+Only rank 0 of a distributed run writes here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+RUNS_ENV = "TINYCLOUD_RUNS"  # overrides the runs root; `fab` sets it on the VM
+DEFAULT_RUNS_ROOT = "runs"  # relative to the working directory
+RUN_JSON = "run.json"
+TRAIN_LOG = "train.log"
+CONSOLE_LOG = "console.log"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "ckpt.pt"
+LOSS_PLOT = "loss.png"
+MODEL_DIR = "model"
+MANIFEST = "manifest.sha256"
+
+# Status values in run.json. A run whose status is RUNNING but whose pid is gone was killed.
+RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
+
+# Not covered by the manifest: still growing after it is written, or too large to be worth
+# shipping back by default (the checkpoint is for resuming on the VM).
+MANIFEST_EXCLUDES = frozenset({MANIFEST, TRAIN_LOG, CONSOLE_LOG, CHECKPOINT, RUN_JSON})
+
+
+class RunExistsError(FileExistsError):
+    """A run directory already holds a run and neither resume nor overwrite was asked."""
+
+
+def runs_root(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The runs root: the flag if given, else ``$TINYCLOUD_RUNS``, else ``./runs``."""
+    return Path(explicit or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_ROOT)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via temp file + fsync + rename, so a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` with the same temp + fsync + rename guarantee as ``atomic_write_bytes``.
+
+    A SIGKILL mid-write leaves only a stray ``.ckpt.pt.*.tmp``; ``ckpt.pt`` stays the last
+    complete checkpoint.
+    """
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory entry is on disk too.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def versions() -> dict[str, str]:
+    """Library versions worth recording: a run is only reproducible with them."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "datasets", "peft", "trl", "tokenizers"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunDir:
+    """One run's directory. Create with ``RunDir.create``; a job on rank != 0 gets ``None``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.logger = logging.getLogger(f"tinycloud.run.{self.path.name}")
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        root: str | os.PathLike[str] | None,
+        name: str,
+        *,
+        job: str,
+        args: dict[str, Any],
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> RunDir:
+        """Open ``root/name`` for a new run, or for resuming one.
+
+        Refuses to touch an existing run unless ``resume`` (continue it) or ``overwrite``
+        (start over, deleting its checkpoint and metrics) is given: a typo in ``--name`` must
+        never cost somebody a finished model.
+        """
+        if not name or "/" in name or name in {".", ".."}:
+            raise ValueError(f"bad run name {name!r}: use letters, digits, '-', '_' or '.'")
+        path = runs_root(root) / name
+        run = cls(path)
+        exists = (path / RUN_JSON).exists()
+        if exists and not (resume or overwrite):
+            raise RunExistsError(
+                f"run {name!r} already exists at {path}. Pass --resume to continue it, "
+                f"--overwrite to start it again from scratch, or choose another --name."
+            )
+        if resume and not exists:
+            raise FileNotFoundError(
+                f"--resume: no run {name!r} at {path} to continue; drop --resume to start it."
+            )
+        if overwrite and exists and not resume:
+            for f in (CHECKPOINT, METRICS, LOSS_PLOT, MANIFEST, TRAIN_LOG):
+                (path / f).unlink(missing_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
+        previous = run.read_meta() if resume else {}
+        meta = {
+            **previous,
+            "name": name,
+            "job": job,
+            "args": args,
+            "status": RUNNING,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": previous.get("started_at", _now()),
+            "resumed_at": _now() if resume else None,
+            "finished_at": None,
+            "versions": versions(),
+        }
+        run.write_meta(meta)
+        run._attach_log_file()
+        return run
+
+    def _attach_log_file(self) -> None:
+        root = logging.getLogger("tinycloud")
+        target = str((self.path / TRAIN_LOG).resolve())
+        if not any(getattr(h, "baseFilename", None) == target for h in root.handlers):
+            handler = logging.FileHandler(target, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            root.addHandler(handler)
+
+    # --- run.json ---------------------------------------------------------------------------
+
+    def read_meta(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / RUN_JSON).read_text())
+        except FileNotFoundError:
+            return {}
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        meta = {**meta, "updated_at": _now()}
+        atomic_write_bytes(self.path / RUN_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into run.json (progress, best val loss, status...)."""
+        meta = {**self.read_meta(), **fields}
+        self.write_meta(meta)
+        return meta
+
+    def finish(self, status: str = COMPLETED, **fields: Any) -> None:
+        self.update(status=status, finished_at=_now(), **fields)
+
+    # --- logs and metrics -------------------------------------------------------------------
+
+    def log(self, message: str, *args: Any) -> None:
+        self.logger.info(message, *args)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """One JSON line per call, flushed so `fab status` sees it at once."""
+        row = {**row, "time": round(time.time(), 3)}
+        with open(self.path / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return list(read_metrics(self.path / METRICS))
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint: they will be logged again."""
+        rows = [r for r in self.metrics() if r.get("step", 0) <= step]
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        atomic_write_bytes(self.path / METRICS, data)
+
+    # --- outputs ----------------------------------------------------------------------------
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL_DIR
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def plot_loss(self, title: str | None = None) -> Path | None:
+        """Draw train and val loss from metrics.jsonl into loss.png (None if no rows yet)."""
+        return plot_loss(self.path / METRICS, self.path / LOSS_PLOT, title or self.path.name)
+
+    def write_manifest(self) -> Path:
+        """Digest every deliverable, so a download can be verified file by file."""
+        lines = [
+            f"{sha256_file(p)}  {p.relative_to(self.path).as_posix()}"
+            for p in sorted(iter_files(self.path))
+            if p.name not in MANIFEST_EXCLUDES and not p.name.startswith(".")
+        ]
+        out = self.path / MANIFEST
+        atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
+        return out
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            yield Path(dirpath) / f
+
+
+def read_metrics(path: Path) -> Iterable[dict[str, Any]]:
+    """Rows of metrics.jsonl; a half-written last line (a killed job) is skipped, not fatal."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
+    rows = list(read_metrics(metrics_path))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless VM: no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), label="val", marker="o", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def setup_logging(verbose: bool = False) -> logging.Logger:
+    """Console logging for a job's ``main``; RunDir.create adds the train.log file handler."""
+    logger = logging.getLogger("tinycloud")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not hasattr(h, "baseFilename")
+               for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+    return logger
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

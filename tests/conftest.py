@@ -1,0 +1,147 @@
+"""Suite-wide rules and shared fixtures.
+
+- Offline: the Hugging Face libraries are told so, their cache points at an empty temp dir, and
+  any socket connect to a non-loopback address fails the test that tried it.
+- In CI (``CI`` set), a skipped test is a failed test: `.ci/run` installs every system part
+  (sshd, Chromium, cloud-init, shellcheck), so a skip there means something is broken.
+- ``tiny_model_dir``: a 2-layer GPT-2 with a BPE tokenizer trained on the fly, saved as a
+  complete Hugging Face directory with the chat template; built once per session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HF_HOME = tempfile.mkdtemp(prefix="tinycloud-hf-")
+os.environ.update(
+    HF_HOME=_HF_HOME,
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    DO_NOT_TRACK="1",
+    TOKENIZERS_PARALLELISM="false",
+    MPLBACKEND="Agg",
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = bool(os.environ.get("CI"))
+
+
+# --- no network ------------------------------------------------------------------------------
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _check_address(sock: socket.socket, address) -> None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    host = address[0]
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        if host == "localhost":
+            return
+        raise OSError(f"tests are offline: refusing to connect to {host!r}") from None
+    if not ip.is_loopback and not ip.is_unspecified:
+        raise OSError(f"tests are offline: refusing to connect to {host}")
+
+
+def _guarded_connect(self, address):
+    _check_address(self, address)
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    _check_address(self, address)
+    return _real_connect_ex(self, address)
+
+
+socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+
+
+# --- CI: a skip is a failure -----------------------------------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every system part is installed: {reason}"
+
+
+# --- shared fixtures ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for real servers the tests start)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+TINY_TEXT = (
+    "A language model reads text one token at a time and learns to predict the next one. "
+    "GPT-2 is a decoder-only transformer: attention looks back, never forward. "
+    "Fine-tuning teaches it a format, and the end-of-text token teaches it to stop. "
+    "The quick brown fox jumps over the lazy dog; 0123456789 and punctuation, too! "
+)
+
+
+def tiny_texts() -> list[str]:
+    """Text to train the tiny tokenizer on: the shipped corpus when present, else a paragraph."""
+    corpus = ROOT / "remote" / "jobs" / "data" / "corpus"
+    files = sorted(corpus.glob("*.txt")) if corpus.is_dir() else []
+    texts = [f.read_text(encoding="utf-8") for f in files]
+    return texts or [TINY_TEXT] * 20
+
+
+def build_tiny_model(out: Path, *, n_positions: int = 256, seed: int = 0) -> Path:
+    """Save a random 2-layer, 64-wide GPT-2 with a freshly trained byte-level BPE."""
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    from remote.jobs.prompts import install_chat_format
+    from remote.jobs.tokenizer import train_bpe
+
+    tok = train_bpe(tiny_texts(), vocab_size=512, min_frequency=1)
+    tok.model_max_length = n_positions
+    torch.manual_seed(seed)
+    eos = tok.eos_token_id
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=n_positions,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    model = GPT2LMHeadModel(config)
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos)
+    out.mkdir(parents=True, exist_ok=True)
+    install_chat_format(tok, out)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
