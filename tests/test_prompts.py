@@ -33,8 +33,16 @@ def test_multi_turn_follows_prompt_format(tiny_model_dir):
     f = json.loads((tiny_model_dir / PROMPT_FORMAT_FILE).read_text())
     expected = (
         "Be brief."
-        + f["separator"] + f["user_prefix"] + "a" + f["user_suffix"] + "b" + f["eos"]
-        + f["separator"] + f["user_prefix"] + "c" + f["user_suffix"]
+        + f["separator"]
+        + f["user_prefix"]
+        + "a"
+        + f["user_suffix"]
+        + "b"
+        + f["eos"]
+        + f["separator"]
+        + f["user_prefix"]
+        + "c"
+        + f["user_suffix"]
     )
     assert tok.apply_chat_template(msgs, tokenize=False) == expected
     assert f["system"] == PROMPT_FORMAT["system"]
