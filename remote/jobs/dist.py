@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,40 @@ def all_reduce_mean(value: float, d: Dist) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     tdist.all_reduce(t)
     return float(t.item()) / d.world_size
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum several scalars over ranks in one collective (a loss and a stop flag, say)."""
+    if not d.enabled:
+        return list(values)
+    import torch
+    import torch.distributed as tdist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    tdist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    """Rank 0's ``obj`` on every rank (what rank 0 prepared, or the error it hit)."""
+    if not d.enabled:
+        return obj
+    import torch.distributed as tdist
+
+    box = [obj if d.is_main else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's ``obj``, in rank order (each rank's RNG state, for a checkpoint)."""
+    if not d.enabled:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * d.world_size
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup(d: Dist) -> None:

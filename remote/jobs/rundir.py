@@ -200,6 +200,15 @@ class RunDir:
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             root.addHandler(handler)
 
+    def close(self) -> None:
+        """Detach this run's train.log handler, so a later run in the same process (a test, a
+        demo calling several jobs' ``main``) does not write its lines into this run's log."""
+        root = logging.getLogger("tinycloud")
+        target = str((self.path / TRAIN_LOG).resolve())
+        for h in [h for h in root.handlers if getattr(h, "baseFilename", None) == target]:
+            root.removeHandler(h)
+            h.close()
+
     # --- run.json ---------------------------------------------------------------------------
 
     def read_meta(self) -> dict[str, Any]:
@@ -319,8 +328,10 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
     """Console logging for a job's ``main``; RunDir.create adds the train.log file handler."""
     logger = logging.getLogger("tinycloud")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not hasattr(h, "baseFilename")
-               for h in logger.handlers):
+    if not any(
+        isinstance(h, logging.StreamHandler) and not hasattr(h, "baseFilename")
+        for h in logger.handlers
+    ):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)

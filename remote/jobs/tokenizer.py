@@ -26,7 +26,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS]
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        show_progress=False,  # a bar in train.log/console.log is noise; this takes seconds
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,

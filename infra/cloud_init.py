@@ -1,0 +1,135 @@
+"""The VM's first-boot script (cloud-init user data), rendered from ``infra/vm/``.
+
+    python -m infra.cloud_init > user-data.yaml     # render with a throwaway host key
+    cloud-init schema --config-file user-data.yaml  # what the tests run, too
+
+Every value enters the YAML JSON-encoded (JSON is YAML, so any string is safe there) and the
+one file of shell values is written with ``shlex.quote``; the scripts themselves are static
+files in ``infra/vm/`` that shellcheck reads as they are. No Pulumi import here: `remote/` and
+the tests use these paths and this renderer without an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import jinja2
+
+VM_DIR = Path(__file__).resolve().parent / "vm"
+
+# Facts about the VM that `fab` relies on (contract 1 and `fab setup`). One place for each.
+SSH_USER = "ubuntu"  # both Ubuntu 24.04 and the Deep Learning AMI log in as ubuntu
+HOME_DIR = f"/home/{SSH_USER}"
+TINYCLOUD_DIR = f"{HOME_DIR}/tinycloud"  # code and venv land here (`fab setup`)
+RUNS_DIR = f"{TINYCLOUD_DIR}/runs"  # exported as TINYCLOUD_RUNS in /etc/environment
+STATE_DIR = "/var/lib/tinycloud"
+READY_MARKER = f"{STATE_DIR}/ready"  # written last by the bootstrap: the VM is set up
+KEEP_AWAKE_MARKER = f"{STATE_DIR}/keep-awake"  # while it exists the idle stop never fires
+IDLE_ENV = "/etc/tinycloud/idle.env"
+USER_DATA_LIMIT = 16 * 1024  # bytes: EC2 refuses larger user data
+
+# Files written verbatim onto the VM: (source in infra/vm/, destination, mode).
+STATIC_FILES = (
+    ("tinycloud-bootstrap.sh", "/usr/local/sbin/tinycloud-bootstrap", "0755"),
+    ("tinycloud-idle.sh", "/usr/local/sbin/tinycloud-idle", "0755"),
+    ("tinycloud-activity.service", "/etc/systemd/system/tinycloud-activity.service", "0644"),
+    ("tinycloud-idle.service", "/etc/systemd/system/tinycloud-idle.service", "0644"),
+    ("tinycloud-idle.timer", "/etc/systemd/system/tinycloud-idle.timer", "0644"),
+)
+SHELL_SCRIPTS = tuple(VM_DIR / src for src, _, _ in STATIC_FILES if src.endswith(".sh"))
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(  # noqa: S701 (YAML, not HTML: values go through the json filter)
+        loader=jinja2.FileSystemLoader(VM_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=True)
+    return env
+
+
+def idle_env(*, api_port: int, idle_stop_minutes: int, gpu: bool) -> str:
+    """The shell-sourced settings file the VM's scripts share (values shell-quoted)."""
+    values = {
+        "TINYCLOUD_USER": SSH_USER,
+        "TINYCLOUD_RUNS": RUNS_DIR,
+        "TINYCLOUD_STATE": STATE_DIR,
+        "TINYCLOUD_API_PORT": str(int(api_port)),
+        "TINYCLOUD_IDLE_MINUTES": str(int(idle_stop_minutes)),
+        "TINYCLOUD_GPU": "1" if gpu else "0",
+    }
+    lines = [f"{name}={shlex.quote(value)}" for name, value in values.items()]
+    return "# Written by cloud-init from the Pulumi stack config.\n" + "\n".join(lines) + "\n"
+
+
+def render_user_data(
+    *,
+    host_private_key: str,
+    host_public_key: str,
+    api_port: int,
+    idle_stop_minutes: int,
+    gpu: bool,
+) -> str:
+    """The ``#cloud-config`` document the instance boots with."""
+    if not host_private_key.startswith("-----BEGIN OPENSSH PRIVATE KEY-----"):
+        raise ValueError("host_private_key must be an OpenSSH private key (PEM)")
+    if not host_public_key.startswith("ssh-ed25519 "):
+        raise ValueError("host_public_key must be an 'ssh-ed25519 AAAA...' line")
+    files = [
+        {"path": dest, "permissions": mode, "content": (VM_DIR / src).read_text()}
+        for src, dest, mode in STATIC_FILES
+    ]
+    files.insert(
+        0,
+        {
+            "path": IDLE_ENV,
+            "permissions": "0644",
+            "content": idle_env(api_port=api_port, idle_stop_minutes=idle_stop_minutes, gpu=gpu),
+        },
+    )
+    document = (
+        _environment()
+        .get_template("cloud-config.yaml.j2")
+        .render(
+            host_private_key=host_private_key.strip() + "\n",
+            host_public_key=host_public_key.strip(),
+            files=files,
+        )
+    )
+    size = len(document.encode())
+    if size > USER_DATA_LIMIT:
+        raise ValueError(f"user data is {size} bytes; EC2 allows {USER_DATA_LIMIT}")
+    return document
+
+
+def _throwaway_host_key() -> tuple[str, str]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public.decode()
+
+
+if __name__ == "__main__":
+    private, public = _throwaway_host_key()
+    print(
+        render_user_data(
+            host_private_key=private,
+            host_public_key=public,
+            api_port=8080,
+            idle_stop_minutes=60,
+            gpu=False,
+        ),
+        end="",
+    )

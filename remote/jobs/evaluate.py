@@ -1,0 +1,494 @@
+"""Prompt tests, base vs fine-tuned side by side; eval loss, perplexity and reward scores.
+
+    python -m remote.jobs.evaluate --model runs/sft-1/model --base gpt2
+    python -m remote.jobs.evaluate --model runs/sft-1/model --base gpt2 \\
+        --dataset alpaca-1k --num-prompts 20 --eval-data alpaca-1k --limit 200
+    python -m remote.jobs.evaluate --model runs/dpo-1/model --base runs/sft-1/model \\
+        --reward-model OpenAssistant/reward-model-deberta-v3-large-v2 --do-sample
+    torchrun --nproc_per_node=2 -m remote.jobs.evaluate --model runs/sft-1/model --base gpt2
+
+Writes a run directory (``runs/<name>/``): ``report.md`` (a summary table, then one row per
+prompt with every model's answer in its own column), ``report.jsonl`` (one row per answer),
+``metrics.jsonl`` (one summary row per model), ``run.json`` and ``manifest.sha256``.
+
+Every answer records why it ended (TGI's ``finish_reason``: ``eos_token`` when the model stopped
+by itself, ``length`` when it was cut off) and its length in tokens: a fine-tune that learned
+to stop shows ``eos_token`` where the base model shows ``length``.
+
+Prompts come from ``--prompts FILE`` (``.txt``: one instruction per line, ``#`` comments;
+``.jsonl``: instruction/input rows), from ``--dataset`` (a preset, file or hub id, via
+presets.py; a reference answer column is added when the rows have one), or by default from the
+shipped ``remote/jobs/data/eval_prompts.txt``. Each is formatted with prompts.format_prompt,
+unless ``--raw-prompts`` (for a pretrained model that never saw the format).
+
+``--eval-data`` scores each model on held-out rows: the loss on the answer tokens only, as
+fine-tuning trains, and its perplexity ``exp(loss)``. It takes the same ``--limit``/``--seed``
+as ``finetune`` and uses presets.load_splits, so it scores the very rows that run held out.
+Loss is per token of each model's own tokenizer: compare models that share one.
+
+Under torchrun every rank loads the models and answers every N-th prompt and scores every N-th
+held-out row; rank 0 gathers them and writes the run. Each prompt's sampling is seeded with
+``--seed`` + its index, so answers are the same on any number of ranks, and ``--resume`` skips
+the answers an interrupted run already wrote to report.jsonl.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from remote.jobs import dist as distlib
+from remote.jobs import rundir
+from remote.jobs.errors import JobError
+from remote.jobs.flags import opt, parse
+from remote.jobs.generation import EOS, Answer, RewardModel, Settings
+from remote.jobs.presets import DatasetError
+from remote.jobs.prompts import format_prompt
+
+log = logging.getLogger("tinycloud.evaluate")
+
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_PROMPTS = DATA / "eval_prompts.txt"
+REPORT_MD, REPORT_JSONL = "report.md", "report.jsonl"
+BASE, TUNED = "base", "fine-tuned"  # column labels, in table order
+RAW_PREFIX_WORDS = 12  # words of a plain-text row used as its prompt (the rest is the reference)
+
+
+@dataclass
+class Config:
+    # what to compare
+    model: str | None = opt(None, "the model under test: runs/<run>/model or a hub id")
+    base: str | None = opt(None, "a model to compare against side by side, e.g. gpt2")
+    # prompts
+    prompts: str | None = opt(None, "prompt file: .txt one per line, .jsonl instruction/input")
+    dataset: str | None = opt(None, "draw prompts from this preset, file or hub id")
+    num_prompts: int = opt(10, "prompts drawn from --dataset")
+    columns: str | None = opt(None, "map dataset columns: instruction=COL,input=COL,output=COL")
+    raw_prompts: bool = opt(False, "send prompts as written, without the instruction format")
+    # held-out loss
+    eval_data: str | None = opt(None, "held-out rows for eval loss/perplexity (as finetune)")
+    limit: int | None = opt(None, "read only the first N rows of --dataset/--eval-data")
+    eval_rows: int = opt(200, "held-out rows scored at most")
+    # generation
+    max_new_tokens: int = opt(128, "tokens per answer at most")
+    do_sample: bool = opt(False, "sample (with the settings below) instead of greedy decoding")
+    greedy: bool = opt(False, "greedy decoding: the most likely token each time (the default)")
+    temperature: float = opt(0.7, "sampling temperature, > 0")
+    top_p: float = opt(0.9, "nucleus sampling mass, 0-1")
+    top_k: int = opt(50, "sample among the k likeliest tokens; 0 = all")
+    repetition_penalty: float = opt(1.0, "1.0 = none; 1.1-1.3 discourages loops")
+    stop: tuple[str, ...] = opt(
+        (), "stop strings (TGI's `stop`), e.g. '### Instruction:'", metavar="TEXT"
+    )
+    # scoring
+    reward_model: str | None = opt(None, "score answers with this classifier (id or dir)")
+    # common job flags
+    name: str | None = opt(None, "run name (default evaluate-YYYYmmdd-HHMMSS)")
+    runs_dir: str | None = opt(None, "runs root (default $TINYCLOUD_RUNS, else ./runs)")
+    resume: bool = opt(False, "continue run --name, keeping the answers it already has")
+    overwrite: bool = opt(False, "start run --name again from scratch")
+    seed: int = opt(0, "seeds sampling (per prompt) and the --dataset draw")
+    max_steps: int | None = opt(None, "answer at most this many prompts")
+    device: str = opt("auto", "where to run", choices=("auto", "cpu", "cuda"))
+
+    def settings(self) -> Settings:
+        return Settings(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop=self.stop,
+        )
+
+
+def check_config(c: Config) -> str | None:
+    if not c.model:
+        return "--model is required: the model dir to test (e.g. runs/<run>/model)"
+    if c.prompts and c.dataset:
+        return "give --prompts or --dataset, not both"
+    if c.do_sample and c.greedy:
+        return "--do-sample and --greedy contradict each other; pick one"
+    if c.max_new_tokens < 1 or c.num_prompts < 1 or c.eval_rows < 1:
+        return "--max-new-tokens, --num-prompts and --eval-rows must be at least 1"
+    if c.do_sample and (c.temperature <= 0 or not 0 < c.top_p <= 1 or c.top_k < 0):
+        return "sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0"
+    if c.repetition_penalty <= 0:
+        return "--repetition-penalty must be positive (1.0 = none)"
+    return None
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    instruction: str
+    input: str = ""
+    reference: str = ""
+    text: str | None = None  # already formatted (dialogues, plain text); else format_prompt
+
+    def render(self, raw: bool) -> str:
+        if self.text is not None:
+            return self.text
+        if raw:
+            return "\n\n".join(filter(None, (self.instruction, self.input)))
+        return format_prompt(self.instruction, self.input)
+
+    def question(self) -> str:
+        """What a reward model reads as the human turn."""
+        return "\n\n".join(filter(None, (self.instruction, self.input)))
+
+
+def read_prompt_file(path: Path) -> list[Prompt]:
+    if not path.is_file():
+        raise JobError(f"no prompt file at {path}. Give a .txt (one per line) or .jsonl file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix.lower() != ".jsonl":
+        return [Prompt(s.strip()) for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append(Prompt(str(row["instruction"]), str(row.get("input") or "")))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise JobError(
+                f"{path}:{n}: not a JSON object with an 'instruction' ({exc}). "
+                'Write one {"instruction": ..., "input": ...} object per line'
+            ) from None
+    return out
+
+
+def prompt_from_row(kind: str, row: dict[str, str], eos: str) -> Prompt | None:
+    """A dataset row (presets.py fields) as a prompt plus the answer the data gives."""
+    from remote.jobs.presets import parse_dialogue, render_turns
+
+    if kind == "instruction":
+        return Prompt(row["instruction"], row.get("input", ""), row.get("output", ""))
+    if kind == "preference" and row.get("prompt"):
+        return Prompt(row["prompt"], "", row.get("chosen", ""))
+    if kind in ("dialogue", "preference"):
+        turns = parse_dialogue(row["chosen"])
+        try:
+            prompt, reply = render_turns(turns, eos="")
+        except ValueError:
+            return None
+        question = next((t for r, t in reversed(turns) if r == "user"), "")
+        return Prompt(question, "", reply, text=prompt)
+    words = row.get("text", "").split()
+    if len(words) < 2:
+        return None
+    head = " ".join(words[:RAW_PREFIX_WORDS])
+    return Prompt(head, "", " ".join(words[RAW_PREFIX_WORDS:]), text=head)
+
+
+def draw_prompts(c: Config) -> list[Prompt]:
+    if c.dataset is None:
+        prompts = read_prompt_file(Path(c.prompts) if c.prompts else DEFAULT_PROMPTS)
+    else:
+        import random
+
+        from remote.jobs.presets import load_rows
+
+        rows = load_rows(c.dataset, limit=c.limit, columns=c.columns)
+        picked = [prompt_from_row(rows.kind, r, "") for r in rows.rows]
+        prompts = [p for p in picked if p is not None]
+        random.Random(c.seed).shuffle(prompts)  # noqa: S311 - a reproducible draw, not a secret
+        prompts = prompts[: c.num_prompts]
+    if c.max_steps:
+        prompts = prompts[: c.max_steps]
+    if not prompts:
+        raise JobError("no prompts to answer: the prompt file or dataset is empty")
+    return prompts
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+
+def md_cell(text: Any) -> str:
+    """Text safe inside one Markdown table cell, shown as text: HTML escaped (a model may
+    write tags), pipes escaped (they would split the cell), newlines as <br>."""
+    s = html.escape(str(text), quote=False).replace("\\", "\\\\").replace("|", "\\|")
+    s = s.replace("\r\n", "\n").replace("\r", "\n").strip().replace("\n", "<br>")
+    return s or "*(empty)*"
+
+
+def md_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def answer_cell(a: Answer) -> str:
+    notes = [a.finish_reason, f"{a.new_tokens} tokens"]
+    if a.reward is not None:
+        notes.append(f"reward {a.reward:.3f}")
+    return f"{md_cell(a.text)}<br>*({' · '.join(notes)})*"
+
+
+def summarize(answers: list[Answer], loss: tuple[float, int] | None) -> dict[str, Any]:
+    """One model's numbers: stop rate, lengths, rewards, eval loss and perplexity."""
+    n = len(answers)
+    rewards = [a.reward for a in answers if a.reward is not None]
+    out: dict[str, Any] = {
+        "answers": n,
+        "stopped_at_eos": sum(a.finish_reason == EOS for a in answers),
+        "mean_new_tokens": round(sum(a.new_tokens for a in answers) / max(n, 1), 2),
+        "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
+    }
+    if loss is not None and loss[1]:
+        mean = loss[0] / loss[1]
+        out.update(eval_loss=round(mean, 4), perplexity=round(math.exp(mean), 4))
+        out["eval_tokens"] = loss[1]
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def render_report(
+    name: str,
+    models: dict[str, str],
+    prompts: list[Prompt],
+    answers: dict[str, list[Answer]],
+    summary: dict[str, dict[str, Any]],
+    settings: Settings,
+    raw: bool,
+) -> str:
+    labels = list(models)
+    stats = [
+        ("model", lambda s, label: md_cell(models[label])),
+        ("stopped at EOS", lambda s, label: f"{s['stopped_at_eos']}/{s['answers']}"),
+        ("mean answer length (tokens)", lambda s, label: _fmt(s["mean_new_tokens"])),
+        ("eval loss", lambda s, label: _fmt(s.get("eval_loss"))),
+        ("perplexity", lambda s, label: _fmt(s.get("perplexity"))),
+        ("mean reward", lambda s, label: _fmt(s.get("mean_reward"))),
+    ]
+    top = md_table(["", *labels], [[k, *(f(summary[lb], lb) for lb in labels)] for k, f in stats])
+    has_ref = any(p.reference for p in prompts)
+    header = ["#", "prompt", *labels] + (["reference"] if has_ref else [])
+    rows = []
+    for i, p in enumerate(prompts):
+        shown = p.question() if not raw or p.text is None else p.text
+        row = [str(i + 1), md_cell(shown), *(answer_cell(answers[lb][i]) for lb in labels)]
+        rows.append(row + ([md_cell(p.reference)] if has_ref else []))
+    align = ["--:", *["---"] * (len(header) - 1)]
+    fmt = "as written (--raw-prompts)" if raw else "in the instruction format (prompts.py)"
+    return (
+        f"# Evaluation `{md_cell(name)}`\n\n{top}\n\n"
+        f"Generation: {md_cell(settings.describe())}. Prompts sent {fmt}.\n\n"
+        f"## Answers\n\n{md_table(header, rows, align)}\n"
+    )
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+class Stop:
+    """SIGTERM/SIGINT end the job after the current answer; the answers so far are kept."""
+
+    def __init__(self) -> None:
+        self.signum, self._old = 0, {}
+
+    def __enter__(self) -> Stop:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def done_answers(run: rundir.RunDir, prompts: list[Prompt]) -> dict[tuple[str, int], Answer]:
+    """Answers a previous attempt wrote for these same prompts (for --resume)."""
+    out = {}
+    for row in rundir.read_metrics(run.path / REPORT_JSONL):
+        i = row.get("index", -1)
+        if 0 <= i < len(prompts) and row.get("prompt") == prompts[i].question():
+            out[(row["model"], i)] = Answer(
+                row["answer"], row["finish_reason"], row["new_tokens"], row["seconds"]
+            )
+    return out
+
+
+def answer_rows(label: str, path: str, i: int, p: Prompt, a: Answer) -> dict[str, Any]:
+    return {
+        "index": i,
+        "model": label,
+        "path": path,
+        "prompt": p.question(),
+        "input": p.input,
+        **a.to_json(),
+    }
+
+
+def evaluate_model(
+    c: Config, label: str, source: str, prompts: list[Prompt], ctx: dict[str, Any]
+) -> tuple[list[Answer | None], tuple[float, int] | None]:
+    """This rank's share of one model's answers, and its summed held-out loss."""
+    from remote.jobs.generation import answer, load_lm, pick_device, token_loss
+
+    d, run, stop, done = ctx["dist"], ctx["run"], ctx["stop"], ctx["done"]
+    model, tok = load_lm(source, pick_device(c.device, d.local_rank))
+    mine: list[Answer | None] = [None] * len(prompts)
+    for i in range(d.rank, len(prompts), d.world_size):
+        if stop.signum:
+            raise Interrupted
+        a = done.get((label, i))
+        if a is None:
+            text = prompts[i].render(c.raw_prompts)
+            a = answer(model, tok, text, c.settings(), seed=c.seed + i)
+            if run is not None:
+                with open(run.path / REPORT_JSONL, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(answer_rows(label, source, i, prompts[i], a)) + "\n")
+        mine[i] = a
+        ctx["progress"]()
+    loss = None
+    if ctx["held_out"] is not None:
+        share = ctx["held_out"].examples(tok.eos_token)[d.rank :: d.world_size]
+        loss = tuple(distlib.all_reduce_sum(list(token_loss(model, tok, share)), d))
+    return mine, loss
+
+
+def merge(shares: list[list[Answer | None]]) -> list[Answer]:
+    return [next(s[i] for s in shares if s[i] is not None) for i in range(len(shares[0]))]
+
+
+def run_eval(c: Config, d: distlib.Dist, run: rundir.RunDir | None, stop: Stop) -> dict:
+    prompts = draw_prompts(c)
+    held_out = None
+    if c.eval_data:
+        from remote.jobs.presets import load_splits
+
+        _, held_out = load_splits(c.eval_data, limit=c.limit, columns=c.columns, seed=c.seed)
+        held_out.rows = held_out.rows[: c.eval_rows]
+    models = {BASE: c.base, TUNED: c.model} if c.base else {TUNED: c.model}
+    total, count = len(prompts) * len(models), [0]
+
+    def progress() -> None:
+        count[0] += 1
+        if run is not None:
+            run.update(step=count[0] * d.world_size, max_steps=total)
+
+    ctx = {"dist": d, "run": run, "stop": stop, "held_out": held_out, "progress": progress}
+    ctx["done"] = done_answers(run, prompts) if run is not None and c.resume else {}
+    if run is not None and not c.resume:
+        (run.path / REPORT_JSONL).unlink(missing_ok=True)
+    answers, losses = {}, {}
+    for label, source in models.items():
+        mine, losses[label] = evaluate_model(c, label, source, prompts, ctx)
+        answers[label] = merge(distlib.gather_objects(mine, d))
+    if not d.is_main or run is None:
+        return {}
+    if c.reward_model:
+        score_answers(c, prompts, answers)
+    summary = {lb: summarize(answers[lb], losses[lb]) for lb in models}
+    write_outputs(c, run, models, prompts, answers, summary)
+    return summary
+
+
+def score_answers(c: Config, prompts: list[Prompt], answers: dict[str, list[Answer]]) -> None:
+    from remote.jobs.generation import pick_device
+
+    rm = RewardModel(c.reward_model, pick_device(c.device))
+    for label, ans in answers.items():
+        for p, a in zip(prompts, ans, strict=True):
+            a.reward = rm.score(p.question(), a.text)
+        log.info("reward model scored %d answers of %s", len(ans), label)
+
+
+def write_outputs(c, run, models, prompts, answers, summary) -> None:
+    lines = [
+        json.dumps(answer_rows(label, models[label], i, prompts[i], a))
+        for label in models
+        for i, a in enumerate(answers[label])
+    ]
+    rundir.atomic_write_bytes(run.path / REPORT_JSONL, ("\n".join(lines) + "\n").encode())
+    for label in models:
+        run.append_metrics(
+            {"step": len(prompts), "model": label, "path": models[label], **summary[label]}
+        )
+    text = render_report(
+        run.path.name, models, prompts, answers, summary, c.settings(), c.raw_prompts
+    )
+    rundir.atomic_write_bytes(run.path / REPORT_MD, text.encode())
+    run.finish(rundir.COMPLETED, summary=summary)
+    run.write_manifest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    c, _given = parse(
+        Config,
+        argv,
+        prog="python -m remote.jobs.evaluate",
+        description=__doc__,
+        check=check_config,
+    )
+    rundir.setup_logging()
+    d = distlib.setup()
+    run = None
+    try:
+        with Stop() as stop:
+            if d.is_main:
+                import time
+
+                name = c.name or time.strftime("evaluate-%Y%m%d-%H%M%S")
+                try:
+                    run = rundir.RunDir.create(
+                        c.runs_dir,
+                        name,
+                        job="evaluate",
+                        args=vars(c),
+                        resume=c.resume,
+                        overwrite=c.overwrite,
+                    )
+                except ValueError as exc:  # a bad --name
+                    raise JobError(str(exc)) from None
+            distlib.barrier(d)
+            summary = run_eval(c, d, run, stop)
+        if run is not None:
+            print(f"report: {run.path / REPORT_MD}")
+            for label, s in summary.items():
+                print(f"{label}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in s.items()))
+        return 0
+    except (JobError, DatasetError, FileExistsError, FileNotFoundError) as exc:
+        if d.is_main:
+            print(f"error: {str(exc).rstrip('.')}.", file=sys.stderr)
+        if run is not None and not isinstance(exc, FileExistsError):
+            run.finish(rundir.FAILED, error=str(exc))
+        return 1
+    except (Interrupted, KeyboardInterrupt):
+        if run is not None:
+            run.finish(rundir.INTERRUPTED)
+            print(f"interrupted; --resume --name {run.path.name} continues", file=sys.stderr)
+        return 128 + (stop.signum or signal.SIGINT)
+    finally:
+        distlib.cleanup(d)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

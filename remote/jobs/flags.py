@@ -1,0 +1,108 @@
+"""Job flags from one dataclass of defaults, nanoGPT style, without nanoGPT's ``exec``.
+
+A job writes its defaults once, one per line, each with its unit or choices::
+
+    @dataclass
+    class Config:
+        n_layer: int = opt(4, "transformer blocks")
+        init: str = opt("scratch", "where the weights start", choices=("scratch", "gpt2"))
+
+and ``parse(Config, argv)`` turns every field into a ``--kebab-case`` flag. argparse does the
+checking, so an unknown flag or a value of the wrong type is an error (exit 2) rather than a
+silent no-op, and ``--help`` lists every default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """One default with its help text (unit, range or choices); becomes one flag."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": choices, "metavar": metavar}
+    )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None:
+    meta = f.metadata
+    unset = f.default is None or f.default is False or f.default == ()
+    shown = "" if unset else f" (default: {f.default})"
+    kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "") + shown}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        kwargs["action"] = "store_true"
+    elif origin is tuple:  # tuple[str, ...]: one or more values
+        kwargs.update(nargs="+", type=args[0], metavar=meta.get("metavar") or "PATH")
+    else:
+        if args:  # `X | None`: the flag takes an X
+            hint = next(a for a in args if a is not type(None))
+        kwargs["type"] = hint
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        elif meta.get("metavar") or hint in (int, float):
+            kwargs["metavar"] = meta.get("metavar") or {int: "N", float: "X"}[hint]
+    parser.add_argument(_flag(f.name), **kwargs)
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser whose flags are ``cls``'s fields; unset flags stay absent."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # so we can tell which flags were given
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        _add(parser, f, hints[f.name])
+    return parser
+
+
+def parse(
+    cls: type[C],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    check: Callable[[C], str | None] | None = None,
+) -> tuple[C, set[str]]:
+    """(config, names of the flags given on the command line).
+
+    ``check`` returns an error message for values that are well-typed but unusable (a head
+    count that does not divide the width); that too exits 2 with argparse's usage line.
+    Knowing which flags were given lets ``--resume`` tell "you asked to change this" from "this
+    is just the default".
+    """
+    parser = build_parser(cls, prog, description)
+    given = vars(parser.parse_args(argv))
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    config = cls(**values)
+    if check is not None and (problem := check(config)):
+        parser.error(problem)
+    return config, set(given)
+
+
+def replace_from(config: C, saved: dict[str, Any], keep: set[str]) -> C:
+    """``saved`` (a checkpoint's config) with ``keep``'s fields taken from ``config``."""
+    names = {f.name for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+    merged = {k: v for k, v in saved.items() if k in names}
+    merged.update({k: getattr(config, k) for k in keep})
+    merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+    return dataclasses.replace(config, **merged)  # type: ignore[type-var]

@@ -1,0 +1,242 @@
+"""Model-side pieces of ``evaluate``: load a model, answer a prompt, score text.
+
+    from remote.jobs.generation import Settings, load_lm, answer, token_loss, RewardModel
+    model, tok = load_lm("runs/sft-1/model", device="cpu")
+    a = answer(model, tok, prompt_text, Settings(max_new_tokens=64), seed=0)
+    a.text, a.finish_reason, a.new_tokens          # finish_reason as TGI says it
+
+Finish reasons use TGI's words, so the evaluation speaks the same language as the server:
+``eos_token`` (the model stopped on its own), ``stop_sequence`` (a ``--stop`` string ended it)
+and ``length`` (it was cut off: the "never stops talking" symptom).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from remote.jobs.errors import JobError
+
+EOS, STOP, LENGTH = "eos_token", "stop_sequence", "length"  # TGI's finish_reason values
+IGNORE = -100  # label of positions that carry no loss (the prompt)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings; greedy unless ``do_sample``."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        how = (
+            f"sampling (temperature {self.temperature}, top-p {self.top_p}, top-k {self.top_k})"
+            if self.do_sample
+            else "greedy"
+        )
+        stops = f", stop {list(self.stop)}" if self.stop else ""
+        return (
+            f"{how}, max {self.max_new_tokens} new tokens, repetition penalty "
+            f"{self.repetition_penalty}{stops}"
+        )
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str
+    new_tokens: int
+    seconds: float
+    reward: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A report.jsonl row's answer fields (``answer`` is the text)."""
+        row = {k: v for k, v in asdict(self).items() if k not in ("text", "extra")}
+        return {"answer": self.text, **row, **self.extra}
+
+
+def pick_device(device: str, local_rank: int = 0) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise JobError("--device cuda: no CUDA GPU is visible. Use --device cpu or auto")
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank}"
+
+
+def load_lm(source: str, device: str = "cpu"):
+    """(model in eval mode on ``device``, tokenizer with a pad token) from a dir or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except OSError as exc:
+        raise JobError(load_hint(source, exc)) from exc
+    if tok.eos_token is None:
+        raise JobError(f"tokenizer of {source!r} has no EOS token, so no answer could end")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok
+
+
+def load_hint(source: str, exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (
+        f"could not load model {source!r}: {first}. Give a save_pretrained directory "
+        "(e.g. runs/<run>/model) or a hub id this machine can download"
+    )
+
+
+def context_size(model: Any) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024))
+
+
+def _generate_kwargs(tok: Any, s: Settings, room: int) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "max_new_tokens": min(s.max_new_tokens, room),
+        "do_sample": s.do_sample,
+        "repetition_penalty": s.repetition_penalty,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if s.do_sample:
+        kw.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    else:  # the model's generation_config may carry sampling values; greedy ignores them
+        kw.update(temperature=None, top_p=None, top_k=None)
+    if s.stop:
+        kw.update(stop_strings=list(s.stop), tokenizer=tok)
+    return kw
+
+
+def answer(model: Any, tok: Any, prompt: str, s: Settings, seed: int) -> Answer:
+    """One completion of ``prompt``, seeded per prompt so it does not depend on which other
+    prompts ran before it (on this rank or another, in this run or a resumed one)."""
+    import torch
+
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    window = context_size(model)
+    keep = max(window - min(s.max_new_tokens, window // 2), 1)
+    ids = ids[:, -keep:]  # an over-long prompt loses its start, not the question at its end
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=torch.ones_like(ids).to(model.device),
+            **_generate_kwargs(tok, s, window - ids.shape[1]),
+        )
+    seconds = time.perf_counter() - t0
+    new = out[0, ids.shape[1] :].tolist()
+    reason = LENGTH
+    if tok.eos_token_id in new:
+        new, reason = new[: new.index(tok.eos_token_id)], EOS
+    text = tok.decode(new, skip_special_tokens=True)
+    cut = [i for i in (text.find(x) for x in s.stop) if i >= 0]
+    if cut:  # generation halts on a stop string; it is not part of the answer
+        text, reason = text[: min(cut)], STOP
+    return Answer(text.strip(), reason, len(new), round(seconds, 3))
+
+
+# --- eval loss / perplexity ---------------------------------------------------------------------
+
+
+def encode_example(tok: Any, prompt: str, completion: str, window: int) -> tuple[list, list]:
+    """(input ids, labels) with the prompt masked out, as fine-tuning trains; cut to the
+    model's window. Plain text (empty prompt) has no prediction for its first token."""
+    p = tok(prompt)["input_ids"] if prompt else []
+    c = tok(completion)["input_ids"]
+    ids = (p + c)[:window]
+    labels = ([IGNORE] * len(p) + c)[:window]
+    return ids, labels
+
+
+def token_loss(
+    model: Any, tok: Any, examples: Iterable[tuple[str, str]], batch_size: int = 8
+) -> tuple[float, int]:
+    """(summed negative log-likelihood, number of scored tokens) over ``examples``.
+
+    Sums, not means, so ranks and batches combine exactly: perplexity is
+    ``exp(total nll / total tokens)``, every scored token weighing the same.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    window = context_size(model)
+    encoded = sorted(
+        (encode_example(tok, p, c, window) for p, c in examples), key=lambda e: len(e[0])
+    )
+    nll, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i : i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id)
+        labels = torch.full((len(chunk), width), IGNORE)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (x, y) in enumerate(chunk):
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+            mask[row, : len(x)] = 1
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids.to(model.device), attention_mask=mask.to(model.device)
+            ).logits.float()
+        target = labels[:, 1:].to(model.device)
+        nll += float(
+            F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                target.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+        )
+        count += int((target != IGNORE).sum())
+    return nll, count
+
+
+# --- reward model ---------------------------------------------------------------------------------
+
+
+class RewardModel:
+    """A sequence-classification reward model (e.g. OpenAssistant/reward-model-deberta-v3-large-v2)
+    reading (question, answer) as a text pair; higher is better."""
+
+    def __init__(self, source: str, device: str = "cpu", max_length: int = 512):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(source)
+            self.model = AutoModelForSequenceClassification.from_pretrained(source)
+        except OSError as exc:
+            raise JobError(load_hint(source, exc).replace("model", "reward model", 1)) from exc
+        self.model.to(device).eval()
+        if self.tok.pad_token is None and self.tok.eos_token is not None:
+            self.tok.pad_token = self.tok.eos_token
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.source, self.max_length = source, max_length
+
+    def score(self, question: str, answer: str) -> float:
+        """The last logit: the reward itself for single-output models (num_labels == 1), the
+        "good" class for two-class ones."""
+        import torch
+
+        enc = self.tok(
+            question, answer, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        with torch.no_grad():
+            logits = self.model(**enc.to(self.model.device)).logits
+        return round(float(logits[0, -1]), 4)
+
+    def score_all(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return [self.score(q, a) for q, a in pairs]

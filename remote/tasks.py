@@ -1,0 +1,433 @@
+"""The `fab` commands: one task per step of a run's life, from a bare VM to a chat page.
+
+    fab setup                              # wait for the VM, ship code, build the environment
+    fab train pretrain --args "--max-steps 2000"   # detached; job flags in --args
+    fab status; fab logs --follow          # progress from run.json; the log as it grows
+    fab fetch RUN                          # model + metrics + loss.png, verified by sha256
+    fab serve --run RUN                    # server + API key + prompt.sh + chat.html
+    fab chat                               # open the chat page
+    fab stop / fab start                   # stop paying for compute; come back later
+
+Every task that touches the host takes --target/--stack/--host/--user/--key (or the
+TINYCLOUD_* environment variables, see remote/settings.py); `--target local` runs the same
+jobs on this machine without SSH. Heavy modules (boto3, Jinja2 templates) load inside the
+tasks that need them, so `fab --list` stays instant; torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, Exit, task
+
+from remote import settings
+from remote.host import Target, resolve
+from remote.runner import Runner, connect
+
+HOST_HELP = {
+    "target": "remote (default) or local: this machine, no SSH  [TINYCLOUD_TARGET]",
+    "stack": "Pulumi stack whose outputs name the host (default: selected)  [TINYCLOUD_STACK]",
+    "host": "[user@]host[:port] instead of a stack  [TINYCLOUD_HOST]",
+    "user": "SSH user for --host (default: ubuntu)  [TINYCLOUD_USER]",
+    "key": "private key file for --host  [TINYCLOUD_KEY]",
+}
+
+
+def _help(**extra: str) -> dict[str, str]:
+    return {**extra, **HOST_HELP}
+
+
+@contextmanager
+def _session(target: str, stack: str, host: str, user: str, key: str
+             ) -> Iterator[tuple[Target, Runner]]:
+    where = resolve(target, stack, host, user, key)
+    runner = connect(where)
+    try:
+        yield where, runner
+    finally:
+        runner.close()
+
+
+def _aws(fn: Any, *args: Any) -> Any:
+    from remote.lifecycle import LifecycleError
+
+    try:
+        return fn(*args)
+    except LifecycleError as err:
+        raise Exit(str(err)) from None
+
+
+# --- provision and prepare ---------------------------------------------------------------------
+
+
+@task(auto_shortflags=False, help=_help(
+    python="use this interpreter on the host and build no environment",
+    torch_backend="uv --torch-backend: auto (CUDA if the host has an NVIDIA driver), cpu, cu126",
+    sync="how to ship code: auto (rsync if both ends have it), rsync or sftp",
+    wait="seconds to wait for the first boot (cloud-init) to finish",
+))
+def setup(c, python="", torch_backend="auto", sync="auto", wait=900,
+          target="", stack="", host="", user="", key=""):
+    """Wait for the host to boot, ship remote/jobs + serving, build the job environment.
+
+    Safe to run again: unchanged files are not sent, and an environment built from the same
+    requirements is kept. A CPU host gets CPU-only torch, a GPU host the CUDA build.
+    """
+    from remote.boot import wait_for_boot
+    from remote.sync import ensure_env, sync_code
+
+    where = resolve(target, stack, host, user, key)
+    if where.instance_id and where.region:
+        from remote.lifecycle import ensure_ready
+
+        _aws(ensure_ready, where.region, where.instance_id)
+    with connect(where) as runner:
+        if not where.local:
+            required = where.from_stack or bool(settings.env("READY_MARKER"))
+            wait_for_boot(runner, required=required, timeout=wait)
+        changed = sync_code(runner, sync)
+        print(f"code: {len(changed)} file(s) updated" + "".join(f"\n  {p}" for p in changed))
+        print(f"python: {ensure_env(runner, python=python, torch_backend=torch_backend)}")
+        print(f"ready: {'this machine' if where.local else where.host}:{runner.base}")
+
+
+# --- train and watch ---------------------------------------------------------------------------
+
+
+@task(auto_shortflags=False, positional=["job"], help=_help(
+    job="pretrain, finetune or evaluate",
+    args="the job's own flags, quoted as one string: --args \"--max-steps 200 --n-layer 4\"",
+    name="run name (default: <job>-YYYYmmdd-HHMMSS)",
+    follow="stream train.log until the job ends; Ctrl-C stops following, not the job",
+    resume="continue the run from its last checkpoint",
+    nproc="processes per host under torchrun (one per GPU); 0 = plain python",
+))
+def train(c, job, args="", name="", follow=False, resume=False, nproc=0,
+          target="", stack="", host="", user="", key=""):
+    """Start a job detached on the host; its own flags go in --args.
+
+    fab train pretrain --args "--max-steps 2000 --n-layer 6"
+    fab train finetune --name ft --args "--model runs/pre/model --dataset alpaca-1k"
+    A dropped connection never stops it; a second job on the same run is refused.
+    """
+    from remote.launch import follow as follow_log
+    from remote.launch import start_job
+
+    try:
+        job_flags = shlex.split(args)
+    except ValueError as err:
+        raise Exit(f"--args {args!r}: {err}. Quote it as one shell word.") from None
+    name = name or _pop_flag(job_flags, "--name") or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with _session(target, stack, host, user, key) as (_where, runner):
+        pid = start_job(runner, job, name, job_flags, resume=resume, nproc=nproc)
+        print(f"started {job} {name!r} (pid {pid}) in {runner.path('runs/' + name)}")
+        if follow:
+            follow_log(runner, name)
+        else:
+            print(f"follow it: fab logs --run {name} --follow   progress: fab status")
+
+
+def _pop_flag(args: list[str], flag: str) -> str:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if a.startswith(flag + "="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return ""
+
+
+@task(auto_shortflags=False, help=_help())
+def runs(c, target="", stack="", host="", user="", key=""):
+    """List the runs on the host with their state."""
+    from remote.launch import probe
+    from remote.report import runs_table
+
+    with _session(target, stack, host, user, key) as (_where, runner):
+        print(runs_table(probe(runner)["runs"]))
+
+
+@task(auto_shortflags=False, help=_help(
+    run="the run (default: the latest)", follow="keep printing until the job ends",
+    console="show console.log (raw output, tracebacks) instead of train.log",
+    lines="how many lines to show first",
+))
+def logs(c, run="", follow=False, console=False, lines=40,
+         target="", stack="", host="", user="", key=""):
+    """Show a run's train.log (or --console output); --follow streams it."""
+    from remote.launch import CONSOLE, TRAIN_LOG, latest_run
+    from remote.launch import follow as follow_log
+
+    log = CONSOLE if console else TRAIN_LOG
+    with _session(target, stack, host, user, key) as (_where, runner):
+        name = run or latest_run(runner)["name"]
+        if follow:
+            follow_log(runner, name, log)
+            return
+        path = f"{settings.RUNS_DIR}/{name}/{log}"
+        r = runner.sh(f"tail -n {int(lines)} {shlex.quote(path)}", warn=True)
+        if not r.ok:
+            raise Exit(f"no {log} for run {name!r} yet. `fab runs` lists the runs.")
+        print(r.stdout, end="")
+
+
+@task(auto_shortflags=False, help=_help())
+def status(c, target="", stack="", host="", user="", key=""):
+    """Each run's state, step, loss, tokens/s and ETA; the host's CPU, memory and disk."""
+    from remote.launch import probe
+    from remote.report import host_line, status_table
+
+    with _session(target, stack, host, user, key) as (_where, runner):
+        report = probe(runner)
+        print(status_table(report["runs"]))
+        print(host_line(report["host"]))
+
+
+@task(auto_shortflags=False, positional=["run"], help=_help(
+    run="the run to stop", grace="seconds to let it save a checkpoint before SIGKILL"))
+def cancel(c, run, grace=30, target="", stack="", host="", user="", key=""):
+    """Stop a running job: SIGTERM (it checkpoints), SIGKILL after --grace seconds."""
+    from remote.launch import cancel as cancel_run
+
+    with _session(target, stack, host, user, key) as (_where, runner):
+        how = cancel_run(runner, run, grace)
+        print(f"{run}: {how}. Continue it later with `fab train <job> --name {run} --resume`.")
+
+
+@task(auto_shortflags=False, positional=["run"], help=_help(
+    run="the run to download", dest="where to put it (default: runs/<run>)"))
+def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
+    """Download a run's model, metrics, loss.png and reports, verified by sha256.
+
+    Resumable: files already here with the right digest are skipped.
+    """
+    from remote.fetch import fetch_run
+    from remote.launch import check_name
+
+    name = check_name(run)
+    out = Path(dest) if dest else settings.local_runs_dir() / name
+    with _session(target, stack, host, user, key) as (_where, runner):
+        report = fetch_run(runner, name, out)
+    for rel in report.repaired:
+        print(f"  re-fetched {rel}: the local copy did not match the manifest")
+    print(f"{name} -> {out}: {report.summary()}")
+    if report.corrupted:
+        raise Exit(
+            "these files do not match the run's manifest even after a second download:\n"
+            + "".join(f"  {r}\n" for r in report.corrupted)
+            + "The copy on the host is damaged or was changed after the run finished. Check it "
+            f"with `sha256sum -c manifest.sha256` in runs/{name} on the host (`fab ssh --open`)."
+        )
+
+
+# --- serve and talk ----------------------------------------------------------------------------
+
+
+@task(auto_shortflags=False, help=_help(
+    run="the run whose model/ to serve (default: the latest with a model)",
+    engine="native (python -m serving.server) or tgi (Docker, launch_gpt2.sh)",
+    quantize="int8: dynamic int8 weights (native engine, CPU)",
+    port="API port (default: the stack's api_port, 8080)",
+    bind="address to listen on (default: 0.0.0.0 on a VM, 127.0.0.1 locally)",
+    stop="stop whatever is serving and exit",
+    wait="seconds to wait for /health",
+))
+def serve(c, run="", engine="native", quantize="", port=0, bind="", stop=False, wait=300,
+          target="", stack="", host="", user="", key=""):
+    """Serve a run's model behind the stack's API key; render prompt.sh and chat.html.
+
+    The native engine runs as a systemd service (restarts on failure and at boot); TGI runs
+    from the rendered launch_gpt2.sh. The key is kept in .tinycloud/<stack>/api_key (0600).
+    """
+    from remote import serve as srv
+    from remote.launch import find_run, latest_run
+
+    with _session(target, stack, host, user, key) as (where, runner):
+        if stop:
+            srv.stop_servers(runner)
+            print("stopped serving")
+            return
+        info = find_run(runner, run) if run else latest_run(runner, with_model=True)
+        if not info or not info["has_model"]:
+            raise Exit(f"run {run!r} has no model/ on the host yet. `fab status` shows the runs.")
+        model_dir = runner.path(f"{settings.RUNS_DIR}/{info['name']}/model")
+        port = int(port) or (settings.API_PORT if where.local else where.api_port)
+        api_key = srv.api_key(where)
+        how = _start_engine(runner, where, engine, model_dir, port, bind, quantize, api_key)
+        print(f"serving {info['name']} with {how}")
+        took = srv.wait_healthy(runner, port, wait)
+        url = _api_url(where, port)
+        fmt = srv.remote_prompt_format(runner, model_dir)
+        srv.save_served(where, {"run": info["name"], "engine": engine, "url": url,
+                                "prompt_format": fmt})
+    print(f"healthy after {took:.0f}s at {url}  (API key {srv.mask(api_key)})")
+    _render_clients(where, url, api_key, fmt)
+
+
+def _start_engine(runner: Runner, where: Target, engine: str, model_dir: str, port: int,
+                  bind: str, quantize: str, api_key: str) -> str:
+    from remote import serve as srv
+
+    if quantize not in ("", "int8"):
+        raise Exit(f"--quantize {quantize!r}: only int8 is supported.")
+    gpu = not where.local and runner.has_command("nvidia-smi")
+    if engine == "native":
+        bind = bind or ("127.0.0.1" if where.local else "0.0.0.0")  # noqa: S104 (the SG limits who)
+        argv = srv.native_argv(runner.python(), model_dir, bind=bind, port=port,
+                               quantize=quantize, gpu=gpu)
+        return srv.start_native(runner, argv, api_key)
+    if engine == "tgi":
+        if quantize:
+            raise Exit("--quantize int8 is the native engine's; drop it for TGI.")
+        from remote.render import render_launch_script
+
+        n_positions = _n_positions(runner, model_dir)
+        script = render_launch_script(model_dir=model_dir, api_port=port, api_key=api_key,
+                                      gpu=gpu, n_positions=n_positions)
+        return srv.start_tgi(runner, script)
+    raise Exit(f"--engine {engine!r}: use native or tgi.")
+
+
+def _n_positions(runner: Runner, model_dir: str) -> int:
+    import json
+
+    text = runner.read_text(f"{model_dir}/config.json") or "{}"
+    return int(json.loads(text).get("n_positions") or 1024)
+
+
+def _api_url(where: Target, port: int) -> str:
+    if where.local:
+        return f"http://127.0.0.1:{port}"
+    if port == where.api_port:
+        return where.api_url
+    return f"http://{where.outputs.get('public_dns') or where.host}:{port}"
+
+
+def _render_clients(where: Target, url: str, api_key: str, fmt: dict | None) -> Path:
+    from remote.render import render_chat_page, render_prompt_script
+
+    script = render_prompt_script(where, url, api_key)
+    page = render_chat_page(where, url, api_key, fmt)
+    print(f"prompt script: {script}   (./{script.name} \"Name three colors.\" 50)")
+    print(f"chat page:     {page}   (fab chat opens it)")
+    return page
+
+
+@task(auto_shortflags=False, positional=["text"], help=_help(
+    text="what to ask", max_tokens="the most tokens to generate",
+    raw="send the text as is, without the instruction format the fine-tune learned",
+    url="API base URL (default: what `fab serve` served; e.g. the `fab tunnel` port)",
+))
+def prompt(c, text, max_tokens=64, raw=False, url="",
+           target="", stack="", host="", user="", key=""):
+    """Ask the served model one question through the API (POST /generate)."""
+    from remote.api import generate
+    from remote.serve import api_key, load_served
+
+    where = resolve(target, stack, host, user, key)
+    base = (url or load_served(where).get("url") or where.api_url).rstrip("/")
+    if raw:
+        inputs = text
+    else:
+        from remote.jobs.prompts import format_prompt
+
+        inputs = format_prompt(text)
+    answer = generate(base, api_key(where), inputs, int(max_tokens))
+    print(answer.get("generated_text", "").strip())
+
+
+@task(auto_shortflags=False, help=_help(open="open the page in the default browser (--no-open: print its path)",
+                 url="API base URL to bind the page to (default: what `fab serve` served)"))
+def chat(c, open=True, url="", target="", stack="", host="", user="", key=""):
+    """Render the chat page for this stack and open it in the browser."""
+    from remote.serve import api_key, load_served
+
+    where = resolve(target, stack, host, user, key)
+    served = load_served(where)
+    base = (url or served.get("url") or where.api_url).rstrip("/")
+    page = _render_clients(where, base, api_key(where), served.get("prompt_format"))
+    if open:
+        import webbrowser
+
+        if not webbrowser.open(page.resolve().as_uri()):
+            print("no browser found here; open the file above by hand")
+
+
+@task(auto_shortflags=False, help=_help(local_port="port on this machine (default: the API port)"))
+def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
+    """Forward the API port over SSH, for when it is closed to the internet. Ctrl-C ends it."""
+    where = resolve(target, stack, host, user, key)
+    if where.local:
+        raise Exit("--target local needs no tunnel: the API is already on 127.0.0.1.")
+    local = int(local_port) or where.api_port
+    argv = where.ssh_argv("-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
+                          "-L", f"127.0.0.1:{local}:127.0.0.1:{where.api_port}")
+    print(f"forwarding http://127.0.0.1:{local} -> {where.host}:{where.api_port} "
+          f"(fab prompt --url http://127.0.0.1:{local} \"...\"); Ctrl-C to stop", flush=True)
+    try:
+        code = subprocess.run(argv).returncode
+    except KeyboardInterrupt:
+        return
+    if code != 0:
+        raise Exit(f"the tunnel ended (ssh exit {code}).", code=code)
+
+
+@task(auto_shortflags=False, help=_help(open="open an interactive shell instead of printing the command"))
+def ssh(c, open=False, target="", stack="", host="", user="", key=""):
+    """Print the exact ssh command for the host (pinned host key, stack key), or --open it."""
+    where = resolve(target, stack, host, user, key)
+    if where.local:
+        raise Exit("--target local is this machine; there is nothing to ssh to.")
+    argv = where.ssh_argv()
+    if not open:
+        print(shlex.join(argv))
+        return
+    sys.stdout.flush()
+    code = subprocess.run(argv).returncode
+    if code not in (0, 130):
+        raise Exit(code=code)
+
+
+# --- instance lifecycle ------------------------------------------------------------------------
+
+
+@task(auto_shortflags=False, help={"stack": HOST_HELP["stack"]})
+def start(c, stack=""):
+    """Start the stopped instance and wait for it (running, status checks ok)."""
+    from remote.lifecycle import start as start_instance
+
+    where = _aws_target(stack)
+    dns = _aws(start_instance, where.region, where.instance_id)
+    print(f"{where.instance_id} is running at {dns or where.host} (same address: Elastic IP)")
+
+
+@task(auto_shortflags=False, help={"stack": HOST_HELP["stack"]})
+def stop(c, stack=""):
+    """Stop the instance: compute billing stops, the disk and its runs stay."""
+    from remote.lifecycle import stop as stop_instance
+
+    where = _aws_target(stack)
+    state = _aws(stop_instance, where.region, where.instance_id)
+    print(f"{where.instance_id} is {state}. `fab start` brings it back.")
+
+
+def _aws_target(stack: str) -> Target:
+    from remote.host import stack_target
+
+    where = stack_target(stack or settings.env("STACK"))
+    if not (where.instance_id and where.region):
+        raise Exit("the stack outputs name no instance_id/region. Run `pulumi up` first.")
+    return where
+
+
+ns = Collection(setup, train, runs, logs, status, cancel, fetch, serve, prompt, chat, tunnel,
+                ssh, start, stop)

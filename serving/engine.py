@@ -1,0 +1,340 @@
+"""The generation engine: one scheduler thread decoding every active request together.
+
+Requests arrive from the event loop (``Engine.submit``) as validated ``GenerationSpec``s and wait
+in a bounded queue; the scheduler admits them into free KV-cache slots between decode steps
+(continuous batching), runs one batched step for all of them, picks each sequence's next token
+with its own sampling settings, and posts the token back to the request's asyncio queue. A
+sequence ends on ``max_new_tokens`` (``length``), on EOS (``eos_token``) or when a stop sequence
+appears in its text (``stop_sequence``, matched on text, so across token boundaries), checked
+in that order as TGI does; a cancelled request (client gone) is dropped at the next step and
+its slot reused.
+
+Everything torch happens on the scheduler thread; the event loop only tokenizes and waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving import constants as C
+from serving.model import LoadedModel
+from serving.sampling import choose
+from serving.validation import GenerationSpec
+
+log = logging.getLogger("serving.engine")
+
+
+class Overloaded(RuntimeError):
+    """Every slot is busy and the queue is full: the client should retry later (429)."""
+
+
+class GenerationFailed(RuntimeError):
+    """The model raised while generating; the request gets a 500 in TGI's error shape."""
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str
+    generated_text: str
+    generated_tokens: int
+    seed: int | None  # None when decoding was greedy (TGI reports no seed then)
+    input_length: int
+    tokens: list[TokenOut] = field(default_factory=list)
+    prefill: list[tuple[int, str, float | None]] = field(default_factory=list)
+
+
+class _Detokenizer:
+    """Incremental decoding with TGI's offsets trick: a token whose bytes do not yet make whole
+    characters yields "" and its text arrives with a later token."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-6:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=False)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+class Stream:
+    """The event loop's handle on one request: iterate ``events()``; ``cancel()`` frees it."""
+
+    def __init__(self, seq: _Sequence) -> None:
+        self._seq = seq
+
+    async def events(self) -> AsyncIterator[tuple[TokenOut, Finished | None]]:
+        """(token, None) for each token; the last token comes with its ``Finished``."""
+        queue = self._seq.queue
+        while True:
+            token, end = await queue.get()
+            if isinstance(end, BaseException):
+                raise GenerationFailed(str(end)) from end
+            yield token, end
+            if end is not None:
+                return
+
+    async def result(self) -> Finished:
+        async for _, end in self.events():
+            if end is not None:
+                return end
+        raise GenerationFailed("generation ended without a result")
+
+    def cancel(self) -> None:
+        self._seq.cancelled = True  # the scheduler drops it before its next step
+
+    @property
+    def input_length(self) -> int:
+        return len(self._seq.spec.input_ids)
+
+
+class _Sequence:
+    def __init__(self, spec: GenerationSpec, engine: Engine, loop: asyncio.AbstractEventLoop):
+        import torch
+
+        self.spec = spec
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.done = False
+        self.released = False  # its place in the engine's capacity given back
+        self.slot = -1
+        self.pos = 0
+        self.next_token = -1
+        self.generated: list[int] = []
+        self.tokens: list[TokenOut] = []
+        self.prefill: list[tuple[int, str, float | None]] = []
+        self.text = ""
+        self.detok = _Detokenizer(engine.loaded.tokenizer, spec.input_ids)
+        self.generator = torch.Generator().manual_seed(spec.seed)
+
+    def post(self, token: TokenOut | None, end: Finished | BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, end))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            self.cancelled = True
+
+
+class Engine:
+    """Owns the model and the scheduler thread. ``submit`` from the event loop thread only."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = C.MAX_BATCH_SIZE,
+        max_queued: int = C.MAX_QUEUED,
+    ) -> None:
+        if max_batch_size > loaded.runner.slots:
+            raise ValueError(f"max_batch_size {max_batch_size} > {loaded.runner.slots} slots")
+        self.loaded = loaded
+        self.max_batch_size = max_batch_size
+        self.capacity = max_batch_size + max_queued
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._in_flight = 0
+        self._stopping = False
+        self._special = frozenset(loaded.tokenizer.all_special_ids)
+        self._thread = threading.Thread(target=self._run, name="serving-scheduler", daemon=True)
+        self.steps = 0  # decode steps run (a test and /metrics read it)
+        self.step_hook: Callable[[], None] | None = None  # called before each model step
+
+    # -- event loop side ---------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, spec: GenerationSpec) -> Stream:
+        seq = _Sequence(spec, self, asyncio.get_running_loop())
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise GenerationFailed("the generation engine is not running")
+            if self._in_flight >= self.capacity:
+                raise Overloaded("Model is overloaded")
+            self._in_flight += 1
+            self._waiting.append(seq)
+            self._cond.notify()
+        return Stream(seq)
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._active)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- scheduler thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            admit = self._next_admissions()
+            if admit is None:
+                return
+            try:
+                for seq in admit:
+                    self._prefill(seq)
+                self._drop_finished()
+                if self._active:
+                    self._decode()
+                    self._drop_finished()
+            except Exception as e:
+                log.exception("generation failed; failing the %d active requests", len(admit))
+                self._fail_all(admit, e)
+
+    def _next_admissions(self) -> list[_Sequence] | None:
+        with self._cond:
+            while not self._stopping and not self._waiting and not self._active:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            admit: list[_Sequence] = []
+            free = self.max_batch_size - len(self._active)
+            while free > 0 and self._waiting:
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    seq.released = True
+                    self._in_flight -= 1
+                    continue
+                admit.append(seq)
+                free -= 1
+            return admit
+
+    def _prefill(self, seq: _Sequence) -> None:
+        if self.step_hook:
+            self.step_hook()
+        runner = self.loaded.runner
+        ids = seq.spec.input_ids
+        seq.slot = len(self._active)
+        self._active.append(seq)
+        logits = runner.prefill(seq.slot, ids, all_logits=seq.spec.prefill_details)
+        seq.pos = len(ids)
+        if seq.spec.prefill_details:
+            seq.prefill = self._prefill_tokens(ids, logits)
+        self._accept(seq, logits[-1])
+
+    def _decode(self) -> None:
+        import torch
+
+        if self.step_hook:
+            self.step_hook()
+        active = self._active
+        device = self.loaded.runner.device
+        tokens = torch.tensor([s.next_token for s in active], device=device)
+        positions = torch.tensor([s.pos for s in active], device=device)
+        logits = self.loaded.runner.decode(tokens, positions)
+        self.steps += 1
+        for i, seq in enumerate(active):
+            seq.pos += 1
+            if not seq.cancelled:
+                self._accept(seq, logits[i])
+
+    def _accept(self, seq: _Sequence, logits: Any) -> None:
+        spec = seq.spec
+        # the prompt + output list is only built when a penalty needs it (a copy per token)
+        context = spec.input_ids + seq.generated if spec.sampling.penalized else []
+        token, logprob = choose(logits, spec.sampling, seq.generator, context, seq.generated)
+        seq.generated.append(token)
+        special = token in self._special
+        text = seq.detok.push(token)
+        out = TokenOut(token, text, logprob, special)
+        seq.tokens.append(out)  # for details=true; a few dozen bytes a token
+        reason = None
+        if len(seq.generated) >= spec.max_new_tokens:
+            reason = C.FINISH_LENGTH
+        elif token in self.loaded.eos_token_ids:
+            reason = C.FINISH_EOS
+        elif spec.stop and not special:
+            start = max(0, len(seq.text) - max(map(len, spec.stop)) + 1)
+            seq.text += text
+            if any(stop in seq.text[start:] for stop in spec.stop):
+                reason = C.FINISH_STOP
+        if reason is None:
+            seq.next_token = token
+            seq.post(out, None)
+            return
+        seq.done = True
+        seq.post(out, self._finished(seq, reason))
+
+    def _finished(self, seq: _Sequence, reason: str) -> Finished:
+        text = self.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        return Finished(
+            finish_reason=reason,
+            generated_text=text,
+            generated_tokens=len(seq.generated),
+            seed=seq.spec.seed if seq.spec.sampling.sampling else None,
+            input_length=len(seq.spec.input_ids),
+            tokens=seq.tokens,
+            prefill=seq.prefill,
+        )
+
+    def _prefill_tokens(self, ids: list[int], logits: Any) -> list[tuple[int, str, float | None]]:
+        import torch
+
+        decode = self.loaded.tokenizer.decode
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)
+        out: list[tuple[int, str, float | None]] = [(ids[0], decode([ids[0]]), None)]
+        for t in range(1, len(ids)):
+            out.append((ids[t], decode([ids[t]]), float(logprobs[t - 1, ids[t]])))
+        return out
+
+    def _drop_finished(self) -> None:
+        """Release ended or cancelled sequences and pack the survivors into slots 0..B-1."""
+        survivors = [s for s in self._active if not (s.done or s.cancelled)]
+        if len(survivors) == len(self._active):
+            return
+        for new_slot, seq in enumerate(survivors):
+            if seq.slot != new_slot:
+                self.loaded.runner.move(seq.slot, new_slot, seq.pos)
+                seq.slot = new_slot
+        self._release([s for s in self._active if s.done or s.cancelled])
+        self._active = survivors
+
+    def _release(self, seqs: list[_Sequence]) -> None:
+        fresh = [s for s in seqs if not s.released]
+        for seq in fresh:
+            seq.released = True
+        with self._cond:
+            self._in_flight -= len(fresh)
+
+    def _fail_all(self, admitted: list[_Sequence], error: Exception) -> None:
+        victims = list({id(s): s for s in [*self._active, *admitted]}.values())
+        for seq in victims:
+            if not seq.done:
+                seq.post(None, error)
+        self._release(victims)
+        self._active = []

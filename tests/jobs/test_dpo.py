@@ -1,0 +1,139 @@
+"""DPO (remote/jobs/dpo.py): the pair data in our format, and training that really prefers chosen.
+
+``train_dpo`` is called directly with the Namespace finetune would build, so these tests do not
+depend on finetune's CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from remote.jobs import dpo
+from remote.jobs.dist import Dist
+from remote.jobs.presets import DatasetError
+from remote.jobs.prompts import format_prompt
+from remote.jobs.rundir import COMPLETED, RunDir
+
+HH_CHOSEN = (
+    "\n\nHuman: What is a GPU?\n\nAssistant: A graphics processor.\n\nHuman: Is it fast?"
+    "\n\nAssistant: Yes, for matrix math it is much faster than a CPU."
+)
+HH_REJECTED = (
+    "\n\nHuman: What is a GPU?\n\nAssistant: A graphics processor.\n\nHuman: Is it fast?"
+    "\n\nAssistant: No idea."
+)
+
+
+def namespace(model: Path, runs: Path, data: Path, **over) -> argparse.Namespace:
+    base = dict(
+        model=str(model),
+        dataset=str(data),
+        limit=None,
+        max_steps=8,
+        lr=3e-3,
+        batch_size=4,
+        grad_accum=1,
+        seed=0,
+        lora_rank=0,
+        max_length=128,
+        optimizer="adamw",
+        beta=0.1,
+        report_to="none",
+        device="cpu",
+        name="dpo-test",
+        runs_dir=str(runs),
+        resume=False,
+    )
+    return argparse.Namespace(**{**base, **over})
+
+
+def test_hh_dialogues_become_shared_prompt_and_final_turns():
+    eos = "<|endoftext|>"
+    pair = dpo.to_pair({"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, eos)
+    assert pair["chosen"] == "Yes, for matrix math it is much faster than a CPU." + eos
+    assert pair["rejected"] == "No idea." + eos
+    # the earlier assistant turn is closed by EOS and the prompt ends ready for the answer
+    assert "A graphics processor." + eos in pair["prompt"]
+    assert pair["prompt"].endswith(format_prompt("Is it fast?").split("\n\n", 1)[1])
+    # different histories, or the same answer twice, are not pairs
+    other = "\n\nHuman: Hi\n\nAssistant: No."
+    assert dpo.to_pair({"chosen": HH_CHOSEN, "rejected": other}, eos) is None
+    assert dpo.to_pair({"chosen": HH_CHOSEN, "rejected": HH_CHOSEN}, eos) is None
+
+
+def test_prompt_column_is_formatted_as_an_instruction():
+    pair = dpo.to_pair({"prompt": "Name a planet.", "chosen": "Mars.", "rejected": "Soup."}, "</s>")
+    assert pair == {
+        "prompt": format_prompt("Name a planet."),
+        "chosen": "Mars.</s>",
+        "rejected": "Soup.</s>",
+    }
+
+
+def test_bad_pair_data_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "good": "a", "bad": "b"}) + "\n")
+    with pytest.raises(
+        DatasetError, match=r"no column 'chosen'.*question.*needs chosen/rejected pairs"
+    ):
+        dpo.build_pairs(str(bad), None, "<|endoftext|>", 0)
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
+    with pytest.raises(dpo.PreferenceDataError, match="none of the 1 rows"):
+        dpo.build_pairs(str(same), None, "<|endoftext|>", 0)
+
+
+def completion_logprob(model, tok, prompt: str, completion: str) -> float:
+    """Sum of log p(completion tokens | prompt), computed here, independently of trl."""
+    import torch
+
+    p_ids = tok(prompt)["input_ids"]
+    c_ids = tok(prompt + completion + tok.eos_token)["input_ids"][len(p_ids) :]
+    ids = torch.tensor([p_ids + c_ids])
+    with torch.no_grad():
+        logp = model(ids).logits.log_softmax(-1)[0, :-1]
+    targets = ids[0, 1:]
+    picked = logp.gather(-1, targets[:, None])[:, 0]
+    return float(picked[len(p_ids) - 1 :].sum())
+
+
+def mean_margin(model_dir: Path, pairs: list[dict]) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    margins = [
+        completion_logprob(model, tok, format_prompt(p["prompt"]), p["chosen"])
+        - completion_logprob(model, tok, format_prompt(p["prompt"]), p["rejected"])
+        for p in pairs
+    ]
+    return sum(margins) / len(margins)
+
+
+def test_dpo_raises_chosen_over_rejected_margin(tiny_model_dir, tmp_path):
+    rows = [json.loads(line) for line in dpo.SHIPPED_PAIRS.read_text().splitlines()][:8]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = namespace(tiny_model_dir, tmp_path / "runs", data)
+    run = RunDir.create(args.runs_dir, args.name, job="finetune", args=vars(args))
+
+    before = mean_margin(tiny_model_dir, rows)
+    dpo.train_dpo(args, run, Dist())
+    after = mean_margin(run.model_dir, rows)
+
+    print(f"margin before {before:.2f}, after {after:.2f}")
+    assert after > before + 1.0, (before, after)
+    meta = run.read_meta()
+    assert meta["status"] == COMPLETED and meta["step"] == 8
+    metrics = run.metrics()
+    assert all("loss" in r and "reward_margin" in r for r in metrics if "loss" in r)
+    assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"]
+    assert (run.model_dir / "prompt_format.json").is_file()
+    assert (run.path / "loss.png").is_file()
+    assert not (run.path / dpo.TRAINER_DIR).exists()
+    listed = (run.path / "manifest.sha256").read_text()
+    assert "model/model.safetensors" in listed and "metrics.jsonl" in listed

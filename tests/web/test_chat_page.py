@@ -1,0 +1,689 @@
+"""The rendered chat page in real headless Chromium, against the real native server.
+
+One server (tiny random GPT-2, an API key, CORS for ``null`` = a page opened from disk) and one
+browser serve the whole module; every test opens the page from a file in a fresh browser
+context, so localStorage starts empty. Screenshots land in test-artifacts/web/.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, free_port
+
+from remote.jobs.prompts import PROMPT_FORMAT
+from web.render import render_chat_page
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless=new",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+API_KEY = 'key-with-"quotes"-</script>'
+ARTIFACTS = ROOT / "test-artifacts" / "web"
+XSS = ["<img src=x onerror=alert(1)>", "<script>alert(2)</script>", '"><svg onload=alert(3)>']
+FINISH_REASONS = {"length", "eos_token", "stop_sequence"}
+# The tiny random model answers greedy requests with newlines only; sampling gives visible text.
+SAMPLING = {"temperature": 1, "top_k": 0, "top_p": 1, "repetition_penalty": 1}
+
+
+# --- the real server and the real browser -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """The real native server on a free port, one thread (the machine is shared)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serving.server", "--model", str(tiny_model_dir)]
+    cmd += ["--port", str(port), "--api-key", API_KEY, "--cors-origin", "null", "--threads", "1"]
+    env = {**os.environ, "TINYCLOUD_API_KEY": ""}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        _wait_healthy(proc, base)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_healthy(proc: subprocess.Popen, base: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serving.server exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", headers=_auth(), timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"serving.server did not answer /health within {timeout} s")
+
+
+def _auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Chat:
+    """A page opened from disk, with everything a test needs to watch it."""
+
+    def __init__(self, browser, path: Path, viewport=None):
+        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
+        self.page = self.context.new_page()
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        self.requests: list[dict] = []
+        self.page.on("dialog", self._on_dialog)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", self._on_request)
+        self.url = path.as_uri()
+        self.page.goto(self.url)
+
+    def _on_dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def _on_request(self, request) -> None:
+        if request.url.endswith("/generate_stream") and request.method == "POST":
+            self.requests.append(json.loads(request.post_data))
+
+    def wait_online(self) -> None:
+        self.page.wait_for_selector('#health[data-state="up"]', timeout=10_000)
+        named = "document.getElementById('model-name').textContent"
+        self.wait(f"{named} !== 'unknown'")
+
+    def wait(self, expression: str, timeout: float = 20_000) -> None:
+        """Wait until a JS expression is true. Passed as a function, so the page's CSP (no eval)
+        stays on in every test."""
+        self.page.wait_for_function(f"() => {expression}", timeout=timeout)
+
+    def set(self, **settings) -> None:
+        for key, value in settings.items():
+            self.page.fill(f"#set-{key}", str(value))
+
+    def send(self, text: str) -> None:
+        self.page.fill("#input", text)
+        self.page.press("#input", "Enter")
+
+    def wait_answer(self, n: int = 1) -> dict:
+        """Wait for the n-th answer in the conversation to finish; its text and footer."""
+        self.wait(
+            f"document.querySelectorAll('#log .assistant')[{n - 1}]?.querySelector('.finish')"
+            " && !document.querySelector('#log .streaming')"
+        )
+        return self.page.evaluate(
+            """n => { const a = document.querySelectorAll('#log .assistant')[n - 1];
+                      return { text: a.querySelector('.bubble').textContent,
+                               finish: a.querySelector('.finish').textContent,
+                               stats: a.querySelector('.stats').textContent }; }""",
+            n,
+        )
+
+    def bubbles(self) -> list[str]:
+        return self.page.eval_on_selector_all(".bubble", "els => els.map(e => e.textContent)")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def open_chat(browser, tmp_path):
+    opened: list[Chat] = []
+
+    def _open(url: str, api_key: str | None = API_KEY, viewport=None, name="chat.html") -> Chat:
+        fmt = {**PROMPT_FORMAT, "eos": "<|endoftext|>"}
+        path = tmp_path / name
+        path.write_text(render_chat_page(url, api_key, fmt), encoding="utf-8")
+        chat = Chat(browser, path, viewport)
+        opened.append(chat)
+        return chat
+
+    yield _open
+    for chat in opened:
+        assert chat.errors == [], chat.errors  # no uncaught script error in any test
+        chat.close()
+
+
+def expected_prompt(newest: str, system: str = PROMPT_FORMAT["system"]) -> str:
+    f = PROMPT_FORMAT
+    return system + f["separator"] + f["user_prefix"] + newest + f["user_suffix"]
+
+
+# --- the page and the stream --------------------------------------------------------------------
+
+
+def test_page_shows_server_model_and_format(server, open_chat):
+    info = httpx.get(f"{server}/info", headers=_auth()).json()
+    chat = open_chat(server)
+    chat.wait_online()
+    page = chat.page
+    assert page.text_content("#server-url") == server
+    assert server in page.title()
+    assert page.text_content("#health-text") == "online"
+    assert page.text_content("#model-name") == info["model_id"]
+    assert page.text_content("#about-format") == "from the server (/info)"
+    assert str(info["max_total_tokens"]) in page.text_content("#about-context")
+    assert page.evaluate("document.activeElement.id") == "input"
+
+
+def test_message_streams_token_by_token(server, open_chat, tmp_path):
+    chat = open_chat(server)
+    chat.wait_online()
+    chat.set(max_new_tokens=80, **SAMPLING)
+    # Record each state the answer's text went through, and in how many separate moments.
+    chat.page.evaluate(
+        """() => { window.before = []; window.moments = 0;
+          new MutationObserver(records => {
+            const mine = records.filter(r => r.type === 'characterData'
+                                             && r.target.parentElement.closest('.assistant'));
+            if (mine.length) window.moments += 1;
+            for (const r of mine) window.before.push(r.oldValue);
+          }).observe(document.getElementById('log'),
+                     {subtree: true, characterData: true, characterDataOldValue: true}); }"""
+    )
+    chat.page.fill("#input", "line one")
+    chat.page.press("#input", "Shift+Enter")
+    chat.page.type("#input", "line two")
+    assert chat.page.input_value("#input") == "line one\nline two"  # Shift+Enter: a newline
+    chat.page.press("#input", "Enter")
+    answer = chat.wait_answer()
+
+    states = chat.page.evaluate("window.before")  # "", t1, t1+t2, ..., the raw whole answer
+    assert len(set(states)) >= 4, states  # several distinct partial texts on the way
+    assert all(b.startswith(a) for a, b in itertools.pairwise(states))  # each one grows
+    assert chat.page.evaluate("window.moments") >= 2  # over time, not all in one go
+    assert answer["text"].strip() != ""
+    assert answer["finish"] in FINISH_REASONS
+    assert re.search(r"\d+ tokens · [\d.]+ tok/s · first token \d+ ms", answer["stats"])
+    assert chat.bubbles()[0] == "line one\nline two"
+    # The prompt is the fine-tune's format, from /info, and the request says what the UI says.
+    sent = chat.requests[-1]
+    assert sent["inputs"] == expected_prompt("line one\nline two")
+    assert sent["parameters"]["max_new_tokens"] == 80
+    assert sent["parameters"]["do_sample"] is True
+    assert chat.page.text_content("#last-prompt") == sent["inputs"]
+
+    # A second turn carries the first, closed with EOS, in the trained format. (The random
+    # model's answers re-tokenize long; a loaded short turn keeps both turns in 256 tokens.)
+    turn = tmp_path / "turn.json"
+    turn.write_text(json.dumps([{"role": "user", "content": "line one\nline two"},
+                                {"role": "assistant", "content": " Hi there.\n"}]))  # fmt: skip
+    chat.page.set_input_files("#load-file", str(turn))
+    chat.wait("document.getElementById('log').textContent.includes('Hi there.')")
+    chat.set(max_new_tokens=8)
+    chat.send("and again")
+    second = chat.wait_answer(2)
+    assert second["finish"] in FINISH_REASONS
+    f = PROMPT_FORMAT
+    first_turn = f["user_prefix"] + "line one\nline two" + f["user_suffix"] + "Hi there."
+    assert chat.requests[-1]["inputs"] == (
+        f["system"] + f["separator"] + first_turn + "<|endoftext|>" + f["separator"]
+        + f["user_prefix"] + "and again" + f["user_suffix"]
+    )  # fmt: skip
+
+
+def test_stop_aborts_the_stream_and_reenables_the_ui(server, open_chat):
+    chat = open_chat(server)
+    chat.wait_online()
+    chat.set(max_new_tokens=200, **SAMPLING)
+    # Press Stop the moment the first token shows, from inside the page (no round trip).
+    chat.page.evaluate(
+        """() => new MutationObserver((recs, obs) => {
+             if (recs.some(r => r.type === 'characterData')) {
+               obs.disconnect(); document.getElementById('stop').click(); }
+           }).observe(document.getElementById('log'), {subtree: true, characterData: true})"""
+    )
+    assert chat.page.is_disabled("#stop")
+    chat.send("Tell me a long story.")
+    answer = chat.wait_answer()
+    assert answer["finish"] == "stopped"
+    tokens = int(re.match(r"(\d+) tokens", answer["stats"]).group(1))
+    assert 1 <= tokens < chat.requests[-1]["parameters"]["max_new_tokens"]  # cut short
+    assert chat.page.is_enabled("#send") and chat.page.is_disabled("#stop")
+    assert chat.page.text_content("#notice") == "Stopped."
+    # The server is free and the page works on: the next message is answered in full.
+    chat.set(max_new_tokens=8)
+    chat.send("Shorter, please.")
+    assert chat.wait_answer(2)["finish"] in FINISH_REASONS
+
+
+def test_settings_persist_and_reach_the_request(server, open_chat):
+    chat = open_chat(server)
+    chat.wait_online()
+    chat.set(
+        max_new_tokens=12,
+        temperature=0.3,
+        top_p=0.8,
+        top_k=7,
+        repetition_penalty=1.3,
+        stop="END\n\\n",
+        system="Be brief.",
+    )
+    chat.page.reload()
+    chat.wait_online()
+    values = chat.page.eval_on_selector_all(
+        "#settings input, #settings textarea", "els => els.map(e => [e.name, e.value])"
+    )
+    assert dict(values) == {
+        "max_new_tokens": "12",
+        "temperature": "0.3",
+        "top_p": "0.8",
+        "top_k": "7",
+        "repetition_penalty": "1.3",
+        "stop": "END\n\\n",
+        "system": "Be brief.",
+    }
+    chat.send("Hi")
+    chat.wait_answer()
+    sent = chat.requests[-1]
+    assert sent["inputs"] == expected_prompt("Hi", system="Be brief.")
+    assert sent["parameters"] == {
+        "max_new_tokens": 12,
+        "repetition_penalty": 1.3,
+        "do_sample": True,
+        "temperature": 0.3,
+        "top_p": 0.8,
+        "top_k": 7,
+        "details": True,
+        "stop": ["END", "\n", PROMPT_FORMAT["stop"]],
+    }
+    chat.page.click("#reset-settings")
+    chat.page.reload()
+    assert chat.page.input_value("#set-max_new_tokens") == "200"
+    assert chat.bubbles()[0] == "Hi"  # the conversation survives a reload too
+
+
+# --- model output is text ------------------------------------------------------------------------
+
+
+ELEMENTS = "document.querySelectorAll('img, script, svg, iframe, object, embed').length"
+
+
+def test_xss_in_a_loaded_conversation_and_a_message_stays_text(server, open_chat, tmp_path):
+    chat = open_chat(server)
+    chat.wait_online()
+    before = chat.page.evaluate(ELEMENTS)
+    convo = tmp_path / "xss.json"
+    messages = [{"role": r, "content": x} for x in XSS for r in ("user", "assistant")]
+    convo.write_text(json.dumps({"messages": messages}))
+    chat.page.set_input_files("#load-file", str(convo))
+    chat.wait(f"document.querySelectorAll('#log .msg').length === {len(XSS) * 2}")
+    chat.set(max_new_tokens=6, **SAMPLING)
+    chat.send(XSS[0])  # the user's own text, and a real answer after it
+    chat.wait_answer(len(XSS) + 1)
+    assert chat.bubbles()[: len(XSS) * 2 + 1] == [m["content"] for m in messages] + [XSS[0]]
+    assert chat.page.evaluate(ELEMENTS) == before
+    assert chat.dialogs == []
+    f = PROMPT_FORMAT  # the user's text went to the model as text
+    assert chat.requests[-1]["inputs"].endswith(f["user_prefix"] + XSS[0] + f["user_suffix"])
+
+
+def test_xss_in_streamed_tokens_stays_text(server, open_chat):
+    """A hostile model's tokens: the real server's stream with each token's text swapped for
+    pieces of markup, split across events and with CRLF line ends, as the page receives it."""
+    pieces = "".join(XSS)
+
+    def tamper(route):
+        body = route.fetch().text()
+        events = [json.loads(x) for x in re.findall(r"^data:(.*)$", body, re.M)]
+        assert events, body
+        chunks = [pieces[i : i + 5] for i in range(0, len(pieces), 5)]
+        out = []
+        for i, chunk in enumerate(chunks):
+            ev = dict(events[min(i, len(events) - 1)], generated_text=None, details=None)
+            ev["token"] = {**ev["token"], "text": chunk, "special": False}
+            out.append(ev)
+        out[-1] = {**out[-1], "generated_text": pieces, "details": events[-1]["details"]}
+        sse = "".join(f"data:{json.dumps(e)}\r\n\r\n" for e in out)
+        route.fulfill(
+            status=200,
+            headers={"Content-Type": "text/event-stream", "Access-Control-Allow-Origin": "null"},
+            body=sse,
+        )
+
+    chat = open_chat(server)
+    chat.wait_online()
+    chat.page.route("**/generate_stream", tamper)
+    before = chat.page.evaluate(ELEMENTS)
+    chat.set(max_new_tokens=4, **SAMPLING)
+    chat.send("Say something nasty.")
+    answer = chat.wait_answer()
+    assert answer["text"] == pieces
+    assert chat.page.evaluate(ELEMENTS) == before
+    chat.page.wait_for_timeout(100)
+    assert chat.dialogs == []
+
+
+def test_controls_are_labelled_and_reachable_by_keyboard(open_chat):
+    chat = open_chat(f"http://127.0.0.1:{free_port()}")
+    unnamed = chat.page.evaluate(
+        """() => [...document.querySelectorAll('input, textarea, button, summary')]
+              .filter(e => !((e.labels && e.labels.length) || e.getAttribute('aria-label')
+                             || e.textContent.trim()))
+              .map(e => e.outerHTML)"""
+    )
+    assert unnamed == []
+    assert chat.page.get_attribute("#log", "aria-live") == "polite"
+    assert chat.page.get_attribute("#error", "role") == "alert"
+    page = chat.page
+    first = "document.querySelector('a[href], button, input, textarea, summary').className"
+    assert page.evaluate(first) == "skip"  # the first stop in the tab order
+    page.focus(".skip")
+    page.keyboard.press("Enter")  # ... lands in the message box
+    assert page.evaluate("document.activeElement.id") == "input"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "send"
+
+
+def test_csp_blocks_injected_script_and_other_hosts(open_chat):
+    """Defence in depth: even markup that got into the page could not run or phone home."""
+    chat = open_chat(f"http://127.0.0.1:{free_port()}")
+    result = chat.page.evaluate(
+        """async () => {
+          const violations = [];
+          document.addEventListener('securitypolicyviolation',
+                                    e => violations.push(e.effectiveDirective));
+          const s = document.createElement('script');
+          s.textContent = 'window.ran = true';
+          document.body.append(s);
+          const box = document.createElement('div');
+          box.innerHTML = '<img src="x" onerror="window.ran = true">';
+          document.body.append(box);
+          let fetched = true;
+          try { await fetch('http://127.0.0.2:9/steal'); } catch (e) { fetched = false; }
+          await new Promise(r => setTimeout(r, 100));
+          box.remove();
+          return {ran: window.ran === true, fetched, violations};
+        }"""
+    )
+    assert result["ran"] is False and result["fetched"] is False
+    assert {"script-src-elem", "connect-src"} <= set(result["violations"]), result
+
+
+# --- the server's own words for errors ---------------------------------------------------------
+
+
+def _server_error(base: str, body: dict, key: str = API_KEY) -> tuple[int, str]:
+    res = httpx.post(f"{base}/generate_stream", json=body, headers=_auth(key))
+    return res.status_code, res.json()["error"]
+
+
+def test_wrong_api_key_shows_the_401_message(server, open_chat, tmp_path):
+    status, message = _server_error(server, {"inputs": "x"}, key="wrong-key")
+    assert status == 401
+    chat = open_chat(server, api_key="wrong-key")
+    # On load: /health is open, /info is not; the header says the key is the trouble.
+    chat.page.wait_for_selector('#health[data-state="down"]')
+    assert chat.page.text_content("#health-text") == "online, but the key was refused"
+    assert f"/info): The server answered 401 (authentication): {message}" in chat.page.text_content(
+        "#error"
+    )
+    chat.send("Hello?")
+    chat.wait("document.getElementById('error').textContent.startsWith('The server answered 401')")
+    shown = chat.page.text_content("#error")
+    assert shown.startswith(f"The server answered 401 (authentication): {message}\n")
+    assert "API key" in shown
+    assert chat.page.input_value("#input") == "Hello?"  # the message is given back, not lost
+    assert chat.page.eval_on_selector_all("#log .msg", "els => els.length") == 0
+    # A failed Regenerate puts the old answer back.
+    convo = tmp_path / "convo.json"
+    convo.write_text(
+        json.dumps([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}])
+    )
+    chat.page.set_input_files("#load-file", str(convo))
+    chat.wait("document.querySelectorAll('#log .msg').length === 2")
+    chat.page.click("#regenerate")
+    chat.wait("document.getElementById('send').disabled === false")
+    assert chat.bubbles() == ["Q", "A"]
+    assert chat.page.text_content("#error").startswith("The server answered 401")
+
+
+def test_invalid_setting_shows_the_422_message(server, open_chat):
+    chat = open_chat(server)
+    chat.wait_online()
+    chat.set(top_p=1.5, max_new_tokens=8)
+    chat.page.reload()  # saved as typed, and sent as saved
+    chat.wait_online()
+    chat.send("Hello")
+    chat.wait("document.getElementById('error').textContent.includes('422')")
+    sent = chat.requests[-1]
+    assert sent["parameters"]["top_p"] == 1.5
+    status, message = _server_error(server, sent)
+    assert status == 422
+    assert message in chat.page.text_content("#error")
+    assert chat.page.is_enabled("#send")
+
+
+def test_unreachable_server_is_named(open_chat):
+    dead = f"http://127.0.0.1:{free_port()}"
+    chat = open_chat(dead)
+    chat.page.wait_for_selector('#health[data-state="down"]')
+    assert chat.page.text_content("#health-text") == "unreachable"
+    chat.send("anyone there?")
+    chat.wait("document.getElementById('send').disabled === false")
+    shown = chat.page.text_content("#error")
+    assert f"Cannot reach the server at {dead}" in shown
+    assert "--cors-origin" in shown
+
+
+# --- context budget, export/load, regenerate ---------------------------------------------------
+
+
+def test_old_turns_are_dropped_to_fit_the_context(server, open_chat, tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    info = httpx.get(f"{server}/info", headers=_auth()).json()
+    chat = open_chat(server)
+    chat.wait_online()
+    turns = []
+    for i in range(4):
+        turns += [
+            {"role": "user", "content": f"old question {i} " + "words " * 40},
+            {"role": "assistant", "content": f"old answer {i} " + "more " * 40},
+        ]
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(turns))  # a bare list of messages loads too
+    chat.page.set_input_files("#load-file", str(path))
+    chat.set(max_new_tokens=64, **SAMPLING)
+    chat.send("the newest question")
+    answer = chat.wait_answer(5)
+    assert answer["finish"] in FINISH_REASONS  # no 422: it fitted
+    assert re.search(r"\d+ older turns? left out to fit", answer["stats"])
+    sent = chat.requests[-1]["inputs"]
+    assert "old question 0" not in sent
+    f = PROMPT_FORMAT
+    assert sent.endswith(f["user_prefix"] + "the newest question" + f["user_suffix"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(tokenizer(sent)["input_ids"]) + 64 <= info["max_total_tokens"]
+
+
+def test_answer_is_capped_to_the_room_left(server, open_chat):
+    """Max new tokens near the whole context: the page learns the prompt's real size from the
+    server (its 422, or /tokenize) and caps the answer to fit instead of failing."""
+    info = httpx.get(f"{server}/info", headers=_auth()).json()
+    chat = open_chat(server)
+    chat.wait_online()
+    chat.set(max_new_tokens=info["max_total_tokens"] - 10, **SAMPLING)
+    chat.send("A question that leaves little room.")
+    answer = chat.wait_answer()
+    assert chat.page.text_content("#error") == ""
+    capped = int(re.search(r"answer capped at (\d+) tokens to fit", answer["stats"]).group(1))
+    sent = chat.requests[-1]
+    assert sent["parameters"]["max_new_tokens"] == capped < info["max_total_tokens"] - 10
+    assert answer["finish"] in FINISH_REASONS
+
+
+def test_export_clear_load_and_regenerate(server, open_chat, tmp_path):
+    chat = open_chat(server)
+    chat.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    chat.wait_online()
+    chat.set(max_new_tokens=6, **SAMPLING)
+    chat.send('first ✓ "quoted"')
+    first = chat.wait_answer()
+    chat.page.click("#log .assistant .copy")
+    assert chat.page.evaluate("() => navigator.clipboard.readText()") == first["text"]
+    with chat.page.expect_download() as dl:
+        chat.page.click("#export")
+    exported = json.loads(Path(dl.value.path()).read_text())
+    assert exported["format"] == "tinycloud-chat"
+    assert [m["content"] for m in exported["messages"]] == ['first ✓ "quoted"', first["text"]]
+    assert exported["messages"][1]["meta"]["finish_reason"] == first["finish"]
+    assert API_KEY not in json.dumps(exported)
+
+    chat.page.click("#clear")
+    assert chat.bubbles() == []
+    chat.page.click("#undo")
+    assert chat.bubbles() == ['first ✓ "quoted"', first["text"]]
+    chat.page.click("#clear")
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(exported))
+    chat.page.set_input_files("#load-file", str(saved))
+    chat.wait("document.querySelectorAll('#log .msg').length === 2")
+    assert chat.bubbles() == ['first ✓ "quoted"', first["text"]]
+
+    n = len(chat.requests)
+    chat.page.click("#regenerate")
+    again = chat.wait_answer()
+    assert len(chat.requests) == n + 1
+    assert chat.requests[-1]["inputs"] == chat.requests[0]["inputs"]  # the same question again
+    assert again["finish"] in FINISH_REASONS and len(chat.bubbles()) == 2
+
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text(json.dumps({"instruction": "Name a color.", "input": "warm"}))
+    chat.page.set_input_files("#load-file", str(prompt))
+    chat.wait("document.getElementById('input').value !== ''")
+    assert chat.page.input_value("#input") == "Name a color.\n\nwarm"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    chat.page.set_input_files("#load-file", str(bad))
+    chat.wait("document.getElementById('error').textContent !== ''")
+    assert "Could not load bad.json" in chat.page.text_content("#error")
+    assert len(chat.bubbles()) == 2  # nothing lost
+
+
+# --- SSE parsing, with the page's own parser ---------------------------------------------------
+
+
+def test_sse_parser_handles_any_chunking(open_chat):
+    chat = open_chat(f"http://127.0.0.1:{free_port()}")
+    stream = (
+        ': keep-alive\r\n\r\ndata:{"token":{"text":"a"}}\r\n\r\n'
+        'data: {"token":{"text":"b\\r\\n"}}\n\nevent: x\ndata: 1\ndata: 2\r\r'
+        'data:{"generated_text":"ab"}\n\n'
+    )
+    events = chat.page.evaluate(
+        """stream => {
+          const run = (chunks) => { const out = [];
+            const p = window.tinycloudChat.createSSEParser(e => out.push(e));
+            for (const c of chunks) p.push(c); p.end(); return JSON.stringify(out); };
+          const whole = run([stream]);
+          for (let i = 0; i <= stream.length; i++)
+            for (let j = i; j <= stream.length; j += 7) {
+              const got = run([stream.slice(0, i), stream.slice(i, j), stream.slice(j)]);
+              if (got !== whole) return {i, j, got, whole};
+            }
+          if (run([...stream]) !== whole) return {oneByOne: run([...stream])};
+          return JSON.parse(whole); }""",
+        stream,
+    )
+    assert events == [
+        {"event": "message", "data": '{"token":{"text":"a"}}'},
+        {"event": "message", "data": '{"token":{"text":"b\\r\\n"}}'},
+        {"event": "x", "data": "1\n2"},
+        {"event": "message", "data": '{"generated_text":"ab"}'},
+    ]
+
+
+def test_page_prompt_matches_the_models_chat_template(open_chat, tiny_model_dir):
+    """The page's multi-turn prompt is exactly what the fine-tune's chat template renders."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = open_chat(f"http://127.0.0.1:{free_port()}")  # no server: the rendered-in format
+    history = [
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "Seven."},
+        {"role": "user", "content": 'And another, with "quotes" & ünïcode?'},
+        {"role": "assistant", "content": "Eleven 🙂"},
+    ]
+    newest = "One more."
+    for system in (None, "You are terse."):
+        page_prompt = chat.page.evaluate(
+            """([history, newest, system]) => { const c = window.tinycloudChat;
+                 const f = c.promptFormat();
+                 return [f.source, c.buildPrompt(f.format, system || f.format.system,
+                                                 c.pairTurns(history), newest)]; }""",
+            [history, newest, system],
+        )
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [*history, {"role": "user", "content": newest}]
+        assert page_prompt == [
+            "rendered into this page",
+            tokenizer.apply_chat_template(messages, tokenize=False),
+        ]
+
+
+# --- how it looks -------------------------------------------------------------------------------
+
+
+def test_screenshots_desktop_and_phone(server, open_chat):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    chat = open_chat(server)
+    chat.wait_online()
+    chat.set(max_new_tokens=30, **SAMPLING)
+    chat.send("What does a tokenizer do?")
+    chat.wait_answer()
+    chat.send("<b>Is this bold?</b> 🙂")
+    chat.wait_answer(2)
+    chat.page.screenshot(path=str(ARTIFACTS / "chat-desktop.png"))
+
+    phone = open_chat(server, viewport={"width": 390, "height": 844}, name="phone.html")
+    phone.wait_online()
+    assert phone.page.evaluate("document.getElementById('settings-box').open") is False
+    phone.page.click("#settings-title")  # folded away on a phone; open it to change settings
+    phone.set(max_new_tokens=20, **SAMPLING)
+    phone.page.click("#settings-title")
+    phone.send("Hello from a phone")
+    phone.wait_answer()
+    phone.page.screenshot(path=str(ARTIFACTS / "chat-phone.png"))
+    width = phone.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # no sideways scrolling
+    for sel in ("#input", "#send", "#stop"):
+        box = phone.page.locator(sel).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, sel
+    assert (ARTIFACTS / "chat-desktop.png").stat().st_size > 10_000
