@@ -52,7 +52,7 @@ def build_random_gpt2(out: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from remote.jobs.prompts import install_chat_format
+    from remote.jobs.prompts import save_tokenizer_with_chat_format
     from remote.jobs.tokenizer import train_bpe
 
     tok = train_bpe([corpus_text()], vocab_size=8000)
@@ -61,9 +61,8 @@ def build_random_gpt2(out: Path) -> Path:
     model = GPT2LMHeadModel(
         GPT2Config(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     )
-    install_chat_format(tok, out)
+    save_tokenizer_with_chat_format(tok, out)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
     return out
 
 

@@ -13,16 +13,20 @@ from typing import Any
 from invoke import Exit
 
 
-def generate(url: str, api_key: str | None, inputs: str, max_new_tokens: int,
-             timeout: float = 300) -> dict[str, Any]:
+def generate(
+    url: str, api_key: str | None, inputs: str, max_new_tokens: int, timeout: float = 300
+) -> dict[str, Any]:
     """``POST /generate``; the response body, or an `Exit` that says what went wrong."""
+    if not url.startswith(("http://", "https://")):  # so urlopen never reads file: URLs
+        raise Exit(f"--url {url!r}: the API is spoken over http:// or https:// only.")
     body = json.dumps({"inputs": inputs, "parameters": {"max_new_tokens": max_new_tokens}})
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(f"{url}/generate", data=body.encode(), headers=headers)
+    endpoint = f"{url}/generate"
+    request = urllib.request.Request(endpoint, data=body.encode(), headers=headers)  # noqa: S310
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http[s])
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             return json.loads(response.read())
     except urllib.error.HTTPError as err:
         raise Exit(_http_error(err)) from None

@@ -36,8 +36,14 @@ def cloud_init_status(runner: Runner) -> str:
     return r.stdout.strip() or "unknown"
 
 
-def wait_for_boot(runner: Runner, *, required: bool, timeout: float = 900, poll: float = 1.0,
-                  progress: Callable[[str], None] = print) -> float:
+def wait_for_boot(
+    runner: Runner,
+    *,
+    required: bool,
+    timeout: float = 900,
+    poll: float = 1.0,
+    progress: Callable[[str], None] = print,
+) -> float:
     """Block until the ready marker exists; seconds waited.
 
     ``required`` is False for a host given with --host: a machine tinycloud did not build has
@@ -51,12 +57,16 @@ def wait_for_boot(runner: Runner, *, required: bool, timeout: float = 900, poll:
         if not required and status != "running":
             break
         if status == "error":
-            raise Exit("cloud-init failed on the host. See /var/log/cloud-init-output.log there "
-                       "(`fab ssh --open`), fix the cause and `pulumi up` again.")
+            raise Exit(
+                "cloud-init failed on the host. See /var/log/cloud-init-output.log there "
+                "(`fab ssh --open`), fix the cause and `pulumi up` again."
+            )
         waited = time.monotonic() - start
         if waited > timeout:
-            raise Exit(f"the host is still booting after {waited:.0f}s (cloud-init: {status}, "
-                       f"no {marker}). Look at /var/log/cloud-init-output.log via `fab ssh`.")
+            raise Exit(
+                f"the host is still booting after {waited:.0f}s (cloud-init: {status}, "
+                f"no {marker}). Look at /var/log/cloud-init-output.log via `fab ssh`."
+            )
         note = f"waiting for cloud-init to finish (status: {status}, {waited:.0f}s)"
         if status != last or int(waited) % 15 < poll:
             progress(note)

@@ -74,8 +74,9 @@ def fetch_run(runner: Runner, name: str, dest: Path) -> FetchReport:
     return report
 
 
-def _fetch_one(runner: Runner, remote: str, local: Path, digest: str, rel: str,
-               report: FetchReport) -> None:
+def _fetch_one(
+    runner: Runner, remote: str, local: Path, digest: str, rel: str, report: FetchReport
+) -> None:
     had_copy = local.exists()
     if had_copy and sha256(local) == digest:
         report.skipped.append(rel)

@@ -30,9 +30,13 @@ from invoke import Exit
 
 from remote import settings
 
-NO_STACK = "no Pulumi stack outputs to find the host in{why}. Run `pulumi up` first, or pass --host."
+NO_STACK = (
+    "no Pulumi stack outputs to find the host in{why}. Run `pulumi up` first, or pass --host."
+)
 REQUIRED_OUTPUTS = ("ssh_user", "private_key", "host_public_key")
-_HOST_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[0-9a-fA-F:]+\]|[^:\s]+)(?::(?P<port>\d+))?$")
+_HOST_RE = re.compile(
+    r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[0-9a-fA-F:]+\]|[^:\s]+)(?::(?P<port>\d+))?$"
+)
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,14 @@ def stack_target(stack: str = "") -> Target:
             "or pass --host."
         )
     port = int(settings.env("SSH_PORT") or settings.DEFAULT_SSH_PORT)
-    t = Target(name=name, host=host, port=port, user=str(outputs["ssh_user"]), outputs=outputs,
-               from_stack=True)
+    t = Target(
+        name=name,
+        host=host,
+        port=port,
+        user=str(outputs["ssh_user"]),
+        outputs=outputs,
+        from_stack=True,
+    )
     names = [n for n in (outputs.get("public_dns"), outputs.get("public_ip")) if n]
     key_file = write_secret(t.state_dir / "id_ed25519", str(outputs["private_key"]))
     known = pin_host_key(t.state_dir / "known_hosts", names, port, str(outputs["host_public_key"]))

@@ -28,7 +28,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CONSOLE = "console.log"
 TRAIN_LOG = "train.log"
 # Alive and not a zombie; `! grep` is true where there is no /proc (macOS, --target local).
-ALIVE_SH = "alive() {{ kill -0 {pid} 2>/dev/null && ! grep -q ') Z ' /proc/{pid}/stat 2>/dev/null; }}"
+ALIVE_SH = (
+    "alive() {{ kill -0 {pid} 2>/dev/null && ! grep -q ') Z ' /proc/{pid}/stat 2>/dev/null; }}"
+)
 
 
 def probe(runner: Runner) -> dict[str, Any]:
@@ -57,8 +59,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def job_command(python: str, job: str, name: str, args: list[str], *, resume: bool,
-                nproc: int) -> list[str]:
+def job_command(
+    python: str, job: str, name: str, args: list[str], *, resume: bool, nproc: int
+) -> list[str]:
     """The argv the host runs: ``python -m remote.jobs.<job>``, or under torchrun."""
     if job not in JOBS:
         raise Exit(f"unknown job {job!r}: choose one of {', '.join(JOBS)}.")
@@ -71,9 +74,11 @@ def job_command(python: str, job: str, name: str, args: list[str], *, resume: bo
     return [*launcher, f"remote.jobs.{job}", "--name", name, *args, *extra]
 
 
-def start_job(runner: Runner, job: str, name: str, args: list[str], *, resume: bool = False,
-              nproc: int = 0) -> int:
+def start_job(
+    runner: Runner, job: str, name: str, args: list[str], *, resume: bool = False, nproc: int = 0
+) -> int:
     """Launch detached and return its pid; refuse while another process owns the run."""
+    job_command("python", job, name, args, resume=resume, nproc=nproc)  # bad input: stop now
     check_name(name)
     resume = resume or "--resume" in args
     existing = find_run(runner, name)
@@ -94,8 +99,9 @@ def start_job(runner: Runner, job: str, name: str, args: list[str], *, resume: b
     return pid
 
 
-def _refuse_clash(name: str, existing: dict[str, Any] | None, *, resume: bool,
-                  overwrite: bool) -> None:
+def _refuse_clash(
+    name: str, existing: dict[str, Any] | None, *, resume: bool, overwrite: bool
+) -> None:
     if existing and existing["alive"]:
         raise Exit(
             f"run {name!r} is still {existing['state']} (pid {existing['pid']}). Follow it with "
@@ -122,8 +128,9 @@ def run_pid(runner: Runner, name: str) -> int | None:
     return info["pid"] if info["alive"] else None
 
 
-def follow(runner: Runner, name: str, log: str = TRAIN_LOG, *, poll: float = 1.0,
-           out: TextIO | None = None) -> None:
+def follow(
+    runner: Runner, name: str, log: str = TRAIN_LOG, *, poll: float = 1.0, out: TextIO | None = None
+) -> None:
     """Print the log as it grows until the job ends. Ctrl-C stops following, not the job."""
     out = out or sys.stdout
     path = f"{settings.RUNS_DIR}/{name}/{log}"
@@ -139,8 +146,10 @@ def follow(runner: Runner, name: str, log: str = TRAIN_LOG, *, poll: float = 1.0
                 return
             time.sleep(poll if alive else 0)
     except KeyboardInterrupt:
-        out.write(f"\nstopped following; {name} keeps running. "
-                  f"`fab logs --run {name} --follow` picks it up again.\n")
+        out.write(
+            f"\nstopped following; {name} keeps running. "
+            f"`fab logs --run {name} --follow` picks it up again.\n"
+        )
 
 
 def _poll_log(runner: Runner, path: str, pid_path: str, offset: int) -> tuple[bool, str, int]:
@@ -149,7 +158,7 @@ def _poll_log(runner: Runner, path: str, pid_path: str, offset: int) -> tuple[bo
         f"pid=$(cat {q(pid_path)} 2>/dev/null || echo 0); "
         + ALIVE_SH.format(pid="$pid")
         + f"; if alive; then a=1; else a=0; fi; s=$(wc -c 2>/dev/null <{q(path)} || echo 0); "
-        f"echo \"$a $s\"; [ \"$s\" -gt {offset} ] && tail -c +{offset + 1} {q(path)} "
+        f'echo "$a $s"; [ "$s" -gt {offset} ] && tail -c +{offset + 1} {q(path)} '
         f"| head -c $((s - {offset})); true"
     )
     stdout = runner.sh(script).stdout

@@ -113,7 +113,9 @@ class _aws_errors:
                 "AWS_PROFILE / AWS_ACCESS_KEY_ID)."
             ) from None
         if isinstance(err, bx.WaiterError):
-            raise LifecycleError(f"gave up waiting for {iid}: {err}. Check the EC2 console.") from None
+            raise LifecycleError(
+                f"gave up waiting for {iid}: {err}. Check the EC2 console."
+            ) from None
         if isinstance(err, bx.ClientError):
             code = err.response.get("Error", {}).get("Code", "")
             if code.startswith("InvalidInstanceID"):

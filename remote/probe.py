@@ -10,6 +10,7 @@ whose process is gone was killed (SIGKILL, OOM, a reboot) and is reported as ``k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -61,8 +62,21 @@ def run_info(run_dir: Path) -> dict:
     else:
         state = status or "failed to start"
     return {
-        **{k: meta.get(k) for k in ("job", "step", "max_steps", "loss", "tokens_per_s", "eta_s",
-                                    "started_at", "finished_at", "updated_at", "status")},
+        **{
+            k: meta.get(k)
+            for k in (
+                "job",
+                "step",
+                "max_steps",
+                "loss",
+                "tokens_per_s",
+                "eta_s",
+                "started_at",
+                "finished_at",
+                "updated_at",
+                "status",
+            )
+        },
         "name": run_dir.name,
         "state": state,
         "alive": alive,
@@ -74,10 +88,8 @@ def run_info(run_dir: Path) -> dict:
 
 def host_info(root: Path) -> dict:
     info: dict = {"cpus": os.cpu_count()}
-    try:
+    with contextlib.suppress(OSError):
         info["load"] = list(os.getloadavg())
-    except OSError:
-        pass
     try:
         mem = dict(
             (line.split(":")[0], int(line.split()[1]) * 1024)

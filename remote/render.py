@@ -45,13 +45,20 @@ def render_chat_page(
     return write_secret(out_dir(target) / "chat.html", html)
 
 
-def render_launch_script(*, model_dir: str, api_port: int, api_key: str, gpu: bool,
-                         n_positions: int = 1024) -> str:
+def render_launch_script(
+    *, model_dir: str, api_port: int, api_key: str, gpu: bool, n_positions: int = 1024
+) -> str:
     """``launch_gpt2.sh`` for TGI, limits taken from the model's context length."""
     from serving.templates import render_launch_script as render
     from serving.templates import token_limits
 
     max_input, max_total = token_limits(n_positions)
-    return render(model_dir=model_dir, api_port=api_port, api_key=api_key, gpu=gpu,
-                  max_input_tokens=max_input, max_total_tokens=max_total,
-                  cors_origins=["null"])  # "null": the chat page opened from disk
+    return render(
+        model_dir=model_dir,
+        api_port=api_port,
+        api_key=api_key,
+        gpu=gpu,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+        cors_origins=["null"],
+    )  # "null": the chat page opened from disk

@@ -9,24 +9,38 @@ GIB = 1024**3
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
 def runs_table(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return "no runs yet. Start one with `fab train pretrain`."
-    rows = [[r["name"], r.get("job") or "?", r["state"], _steps(r), r.get("started_at") or ""]
-            for r in runs]
+    rows = [
+        [r["name"], r.get("job") or "?", r["state"], _steps(r), r.get("started_at") or ""]
+        for r in runs
+    ]
     return _table(["RUN", "JOB", "STATE", "STEP", "STARTED"], rows)
 
 
 def status_table(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return "no runs yet. Start one with `fab train pretrain`."
-    rows = [[r["name"], r.get("job") or "?", r["state"], _steps(r), _num(r.get("loss"), ".4f"),
-             _rate(r.get("tokens_per_s")), _eta(r)] for r in runs]
+    rows = [
+        [
+            r["name"],
+            r.get("job") or "?",
+            r["state"],
+            _steps(r),
+            _num(r.get("loss"), ".4f"),
+            _rate(r.get("tokens_per_s")),
+            _eta(r),
+        ]
+        for r in runs
+    ]
     return _table(["RUN", "JOB", "STATE", "STEP", "LOSS", "TOKENS/S", "ETA"], rows)
 
 

@@ -34,19 +34,28 @@ class Runner:
     base: str
     local: bool = False
 
-    def run(self, cmd: str, *, hide: bool = True, warn: bool = False, timeout: int | None = None,
-            **kw: Any) -> Result:
+    def run(
+        self,
+        cmd: str,
+        *,
+        hide: bool = True,
+        warn: bool = False,
+        timeout: int | None = None,
+        **kw: Any,
+    ) -> Result:
         raise NotImplementedError
 
-    def sh(self, script: str, *, warn: bool = False, hide: bool = True,
-           timeout: int | None = None) -> Result:
+    def sh(
+        self, script: str, *, warn: bool = False, hide: bool = True, timeout: int | None = None
+    ) -> Result:
         """Run ``script`` with the work directory as the current directory.
 
         ``script`` is its own list after the ``cd`` (``;``, not ``&&``), so a trailing ``&`` in
         it backgrounds one command, never the ``cd`` as well.
         """
-        return self.run(f"cd {q(self.base)} || exit 1; {script}", warn=warn, hide=hide,
-                        timeout=timeout)
+        return self.run(
+            f"cd {q(self.base)} || exit 1; {script}", warn=warn, hide=hide, timeout=timeout
+        )
 
     def path(self, rel: str) -> str:
         return f"{self.base}/{rel}"
@@ -89,16 +98,28 @@ class LocalRunner(Runner):
     local = True
 
     def __init__(self, base: Path):
-        base.mkdir(parents=True, exist_ok=True)
+        base.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # holds the API key
+        base.mkdir(exist_ok=True)
         self.base = str(base.resolve())
         self._ctx = Context()
-        self._env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(settings.ROOT),
-                                                                  os.environ.get("PYTHONPATH")]))}
+        self._env = {
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(settings.ROOT), os.environ.get("PYTHONPATH")])
+            )
+        }
 
-    def run(self, cmd: str, *, hide: bool = True, warn: bool = False, timeout: int | None = None,
-            **kw: Any) -> Result:
-        return self._ctx.run(cmd, hide=hide, warn=warn, timeout=timeout, env=self._env,
-                             in_stream=False, **kw)
+    def run(
+        self,
+        cmd: str,
+        *,
+        hide: bool = True,
+        warn: bool = False,
+        timeout: int | None = None,
+        **kw: Any,
+    ) -> Result:
+        return self._ctx.run(
+            cmd, hide=hide, warn=warn, timeout=timeout, env=self._env, in_stream=False, **kw
+        )
 
     def python(self) -> str:
         text = self.read_text(settings.PYTHON_FILE)
@@ -132,8 +153,15 @@ class SshRunner(Runner):
             self.base = f"{home}/{override or settings.DEFAULT_REMOTE_DIR}"
         self._sftp: Any = None
 
-    def run(self, cmd: str, *, hide: bool = True, warn: bool = False, timeout: int | None = None,
-            **kw: Any) -> Result:
+    def run(
+        self,
+        cmd: str,
+        *,
+        hide: bool = True,
+        warn: bool = False,
+        timeout: int | None = None,
+        **kw: Any,
+    ) -> Result:
         return self.conn.run(cmd, hide=hide, warn=warn, timeout=timeout, in_stream=False, **kw)
 
     @property
@@ -186,8 +214,14 @@ def _connection(target: Target) -> Any:
     if target.key_file:
         kwargs.update(key_filename=str(target.key_file), look_for_keys=False, allow_agent=False)
     config = Config(lazy=True)  # no ~/.ssh/config surprises: the stack says how to connect
-    conn = Connection(target.host, user=target.user, port=target.port, config=config,
-                      connect_timeout=settings.CONNECT_TIMEOUT_S, connect_kwargs=kwargs)
+    conn = Connection(
+        target.host,
+        user=target.user,
+        port=target.port,
+        config=config,
+        connect_timeout=settings.CONNECT_TIMEOUT_S,
+        connect_kwargs=kwargs,
+    )
     if target.known_hosts and target.known_hosts.is_file():
         conn.client.load_host_keys(str(target.known_hosts))
     conn.client.set_missing_host_key_policy(RejectPolicy())

@@ -49,10 +49,22 @@ def mask(key: str) -> str:
     return f"{key[:4]}…{key[-2:]} ({len(key)} chars)"
 
 
-def native_argv(python: str, model_dir: str, *, bind: str, port: int, quantize: str,
-                gpu: bool) -> list[str]:
-    argv = [python, "-m", "serving.server", "--model", model_dir, "--host", bind,
-            "--port", str(port), "--cors-origin", "null"]  # "null": the page opened from disk
+def native_argv(
+    python: str, model_dir: str, *, bind: str, port: int, quantize: str, gpu: bool
+) -> list[str]:
+    argv = [
+        python,
+        "-m",
+        "serving.server",
+        "--model",
+        model_dir,
+        "--host",
+        bind,
+        "--port",
+        str(port),
+        "--cors-origin",
+        "null",
+    ]  # "null": the page opened from disk
     if quantize:
         argv += ["--quantize", quantize]
     if gpu and not quantize:
@@ -110,8 +122,10 @@ def start_native(runner: Runner, argv: list[str], key: str) -> str:
 def start_tgi(runner: Runner, script: str) -> str:
     """Upload the rendered launch_gpt2.sh and run it (it pulls the image the first time)."""
     if not runner.has_command("docker"):
-        raise Exit("--engine tgi needs Docker on the host, and it has none. "
-                   "Use --engine native, or a tinycloud VM (cloud-init installs Docker).")
+        raise Exit(
+            "--engine tgi needs Docker on the host, and it has none. "
+            "Use --engine native, or a tinycloud VM (cloud-init installs Docker)."
+        )
     stop_servers(runner)
     runner.put_bytes(script.encode(), LAUNCH_SCRIPT, 0o700)  # it holds the API key
     runner.sh(f"./{LAUNCH_SCRIPT}", hide=False, timeout=1800)
@@ -149,11 +163,15 @@ def wait_healthy(runner: Runner, port: int, timeout: float, progress: Any = prin
             return time.monotonic() - start
         now = time.monotonic()
         if now - start > timeout:
-            tail = runner.sh(f"tail -n 25 {LOG_FILE} 2>/dev/null || "
-                             f"sudo -n journalctl -u {settings.SERVICE_NAME} -n 25 --no-pager",
-                             warn=True).stdout
-            raise Exit(f"the server did not answer /health within {timeout:.0f}s. "
-                       f"The end of its log:\n{tail}")
+            tail = runner.sh(
+                f"tail -n 25 {LOG_FILE} 2>/dev/null || "
+                f"sudo -n journalctl -u {settings.SERVICE_NAME} -n 25 --no-pager",
+                warn=True,
+            ).stdout
+            raise Exit(
+                f"the server did not answer /health within {timeout:.0f}s. "
+                f"The end of its log:\n{tail}"
+            )
         if now - last_note >= 10:
             progress(f"  waiting for /health ({now - start:.0f}s)")
             last_note = now

@@ -3,23 +3,23 @@
 Every path and default the `fab` tasks agree on lives here, so a test (or an operator with an
 unusual layout) can point them elsewhere with one variable:
 
-| variable                  | default                    | what it sets                              |
-|---------------------------|----------------------------|-------------------------------------------|
-| TINYCLOUD_TARGET          | remote                     | `local` runs everything on this machine   |
-| TINYCLOUD_STACK           | the selected Pulumi stack  | which stack's outputs name the host       |
-| TINYCLOUD_STACK_OUTPUTS   | (run the Pulumi CLI)       | a recorded `pulumi stack output --json`   |
-| TINYCLOUD_HOST/USER/KEY   | (from the stack)           | an explicit host instead of a stack       |
-| TINYCLOUD_SSH_PORT        | 22                         | the host's SSH port                       |
-| TINYCLOUD_KNOWN_HOSTS     | ~/.ssh/known_hosts         | host keys for an explicit --host          |
-| TINYCLOUD_REMOTE_DIR      | ~/tinycloud on the host    | the work directory on the host            |
-| TINYCLOUD_READY_MARKER    | /var/lib/tinycloud/ready   | the file cloud-init writes when done      |
-| TINYCLOUD_PYTHON          | (built by `fab setup`)     | use this interpreter on the host instead  |
-| TINYCLOUD_UV              | uv on the host's PATH      | the uv binary `fab setup` builds with     |
-| TINYCLOUD_WAITER_DELAY    | 5                          | seconds between boto3 waiter polls        |
-| TINYCLOUD_HOME            | ./.tinycloud               | local state: keys, pinned host keys       |
-| TINYCLOUD_LOCAL_RUNS      | ./runs                     | where `fab fetch` puts runs               |
-| TINYCLOUD_RENDERED        | ./rendered                 | where prompt.sh and chat.html are written |
-| TINYCLOUD_CURRENT_IP      | (asked of checkip.amazonaws.com) | this machine's public IP            |
+| variable                | default                  | what it sets                          |
+|-------------------------|--------------------------|---------------------------------------|
+| TINYCLOUD_TARGET        | remote                   | `local`: this machine, no SSH         |
+| TINYCLOUD_STACK         | the selected stack       | whose outputs name the host           |
+| TINYCLOUD_STACK_OUTPUTS | (run the Pulumi CLI)     | a recorded `pulumi stack output`      |
+| TINYCLOUD_HOST/USER/KEY | (from the stack)         | an explicit host instead of a stack   |
+| TINYCLOUD_SSH_PORT      | 22                       | the host's SSH port                   |
+| TINYCLOUD_KNOWN_HOSTS   | ~/.ssh/known_hosts       | host keys for an explicit --host      |
+| TINYCLOUD_REMOTE_DIR    | ~/tinycloud on the host  | the work directory on the host        |
+| TINYCLOUD_READY_MARKER  | /var/lib/tinycloud/ready | the file cloud-init writes when done  |
+| TINYCLOUD_PYTHON        | (built by `fab setup`)   | use this interpreter on the host      |
+| TINYCLOUD_UV            | uv on the host's PATH    | the uv binary `fab setup` builds with |
+| TINYCLOUD_WAITER_DELAY  | 5                        | seconds between boto3 waiter polls    |
+| TINYCLOUD_HOME          | ./.tinycloud             | local state: keys, pinned host keys   |
+| TINYCLOUD_LOCAL_RUNS    | ./runs                   | where `fab fetch` puts runs           |
+| TINYCLOUD_RENDERED      | ./rendered               | where prompt.sh and chat.html go      |
+| TINYCLOUD_CURRENT_IP    | (checkip.amazonaws.com)  | this machine's public IP              |
 """
 
 from __future__ import annotations

@@ -69,8 +69,18 @@ def rsync(runner: SshRunner) -> list[str]:
     excludes = [f"--exclude={pat}" for pat in settings.SYNC_EXCLUDES]
     sources = [*settings.SYNC_FILES, *(f"{d}/" for d in settings.SYNC_DIRS)]
     runner.run(f"mkdir -p {q(runner.base)}")
-    cmd = ["rsync", "-a", "--relative", "--delete", "--itemize-changes", *excludes, "-e", ssh,
-           *sources, f"{t.user}@{t.host}:{runner.base}/"]
+    cmd = [
+        "rsync",
+        "-a",
+        "--relative",
+        "--delete",
+        "--itemize-changes",
+        *excludes,
+        "-e",
+        ssh,
+        *sources,
+        f"{t.user}@{t.host}:{runner.base}/",
+    ]
     proc = subprocess.run(cmd, cwd=settings.ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise Exit(f"rsync to {t.host} failed: {proc.stderr.strip()}. Retry with --sync sftp.")
@@ -141,8 +151,11 @@ def ensure_env(runner: Runner, *, python: str = "", torch_backend: str = "auto")
     stamp = hashlib.sha256(f"{torch_backend}\n{reqs}".encode()).hexdigest()
     venv_python = runner.path(".venv/bin/python")
     current = runner.read_text(settings.ENV_STAMP)
-    if current and current.strip() == stamp and runner.sh(f"test -x {q(venv_python)}",
-                                                          warn=True).ok:
+    if (
+        current
+        and current.strip() == stamp
+        and runner.sh(f"test -x {q(venv_python)}", warn=True).ok
+    ):
         use_interpreter(runner, venv_python, check=False)
         return "environment up to date"
     runner.put_bytes(reqs.encode(), settings.REQUIREMENTS_FILE)
@@ -151,7 +164,8 @@ def ensure_env(runner: Runner, *, python: str = "", torch_backend: str = "auto")
         f"{uv} venv --allow-existing --python {PYTHON_VERSION} .venv && "
         f"{uv} pip install --python .venv/bin/python --torch-backend {q(torch_backend)} "
         f"-r {settings.REQUIREMENTS_FILE}",
-        hide=False, warn=True,
+        hide=False,
+        warn=True,
     )
     if not r.ok:
         raise Exit(

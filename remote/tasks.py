@@ -45,8 +45,9 @@ def _help(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def _session(target: str, stack: str, host: str, user: str, key: str
-             ) -> Iterator[tuple[Target, Runner]]:
+def _session(
+    target: str, stack: str, host: str, user: str, key: str
+) -> Iterator[tuple[Target, Runner]]:
     where = resolve(target, stack, host, user, key)
     runner = connect(where)
     try:
@@ -67,14 +68,27 @@ def _aws(fn: Any, *args: Any) -> Any:
 # --- provision and prepare ---------------------------------------------------------------------
 
 
-@task(auto_shortflags=False, help=_help(
-    python="use this interpreter on the host and build no environment",
-    torch_backend="uv --torch-backend: auto (CUDA if the host has an NVIDIA driver), cpu, cu126",
-    sync="how to ship code: auto (rsync if both ends have it), rsync or sftp",
-    wait="seconds to wait for the first boot (cloud-init) to finish",
-))
-def setup(c, python="", torch_backend="auto", sync="auto", wait=900,
-          target="", stack="", host="", user="", key=""):
+@task(
+    auto_shortflags=False,
+    help=_help(
+        python="use this interpreter on the host and build no environment",
+        torch_backend="uv --torch-backend: auto (CUDA where uv finds a driver), cpu, cu126...",
+        sync="how to ship code: auto (rsync if both ends have it), rsync or sftp",
+        wait="seconds to wait for the first boot (cloud-init) to finish",
+    ),
+)
+def setup(
+    c,
+    python="",
+    torch_backend="auto",
+    sync="auto",
+    wait=900,
+    target="",
+    stack="",
+    host="",
+    user="",
+    key="",
+):
     """Wait for the host to boot, ship remote/jobs + serving, build the job environment.
 
     Safe to run again: unchanged files are not sent, and an environment built from the same
@@ -101,16 +115,32 @@ def setup(c, python="", torch_backend="auto", sync="auto", wait=900,
 # --- train and watch ---------------------------------------------------------------------------
 
 
-@task(auto_shortflags=False, positional=["job"], help=_help(
-    job="pretrain, finetune or evaluate",
-    args="the job's own flags, quoted as one string: --args \"--max-steps 200 --n-layer 4\"",
-    name="run name (default: <job>-YYYYmmdd-HHMMSS)",
-    follow="stream train.log until the job ends; Ctrl-C stops following, not the job",
-    resume="continue the run from its last checkpoint",
-    nproc="processes per host under torchrun (one per GPU); 0 = plain python",
-))
-def train(c, job, args="", name="", follow=False, resume=False, nproc=0,
-          target="", stack="", host="", user="", key=""):
+@task(
+    auto_shortflags=False,
+    positional=["job"],
+    help=_help(
+        job="pretrain, finetune or evaluate",
+        args='the job\'s own flags, quoted as one string: --args "--max-steps 200 --n-layer 4"',
+        name="run name (default: <job>-YYYYmmdd-HHMMSS)",
+        follow="stream train.log until the job ends; Ctrl-C stops following, not the job",
+        resume="continue the run from its last checkpoint",
+        nproc="processes per host under torchrun (one per GPU); 0 = plain python",
+    ),
+)
+def train(
+    c,
+    job,
+    args="",
+    name="",
+    follow=False,
+    resume=False,
+    nproc=0,
+    target="",
+    stack="",
+    host="",
+    user="",
+    key="",
+):
     """Start a job detached on the host; its own flags go in --args.
 
     fab train pretrain --args "--max-steps 2000 --n-layer 6"
@@ -156,13 +186,18 @@ def runs(c, target="", stack="", host="", user="", key=""):
         print(runs_table(probe(runner)["runs"]))
 
 
-@task(auto_shortflags=False, help=_help(
-    run="the run (default: the latest)", follow="keep printing until the job ends",
-    console="show console.log (raw output, tracebacks) instead of train.log",
-    lines="how many lines to show first",
-))
-def logs(c, run="", follow=False, console=False, lines=40,
-         target="", stack="", host="", user="", key=""):
+@task(
+    auto_shortflags=False,
+    help=_help(
+        run="the run (default: the latest)",
+        follow="keep printing until the job ends",
+        console="show console.log (raw output, tracebacks) instead of train.log",
+        lines="how many lines to show first",
+    ),
+)
+def logs(
+    c, run="", follow=False, console=False, lines=40, target="", stack="", host="", user="", key=""
+):
     """Show a run's train.log (or --console output); --follow streams it."""
     from remote.launch import CONSOLE, TRAIN_LOG, latest_run
     from remote.launch import follow as follow_log
@@ -192,8 +227,11 @@ def status(c, target="", stack="", host="", user="", key=""):
         print(host_line(report["host"]))
 
 
-@task(auto_shortflags=False, positional=["run"], help=_help(
-    run="the run to stop", grace="seconds to let it save a checkpoint before SIGKILL"))
+@task(
+    auto_shortflags=False,
+    positional=["run"],
+    help=_help(run="the run to stop", grace="seconds to let it save a checkpoint before SIGKILL"),
+)
 def cancel(c, run, grace=30, target="", stack="", host="", user="", key=""):
     """Stop a running job: SIGTERM (it checkpoints), SIGKILL after --grace seconds."""
     from remote.launch import cancel as cancel_run
@@ -203,8 +241,11 @@ def cancel(c, run, grace=30, target="", stack="", host="", user="", key=""):
         print(f"{run}: {how}. Continue it later with `fab train <job> --name {run} --resume`.")
 
 
-@task(auto_shortflags=False, positional=["run"], help=_help(
-    run="the run to download", dest="where to put it (default: runs/<run>)"))
+@task(
+    auto_shortflags=False,
+    positional=["run"],
+    help=_help(run="the run to download", dest="where to put it (default: runs/<run>)"),
+)
 def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
     """Download a run's model, metrics, loss.png and reports, verified by sha256.
 
@@ -232,17 +273,33 @@ def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
 # --- serve and talk ----------------------------------------------------------------------------
 
 
-@task(auto_shortflags=False, help=_help(
-    run="the run whose model/ to serve (default: the latest with a model)",
-    engine="native (python -m serving.server) or tgi (Docker, launch_gpt2.sh)",
-    quantize="int8: dynamic int8 weights (native engine, CPU)",
-    port="API port (default: the stack's api_port, 8080)",
-    bind="address to listen on (default: 0.0.0.0 on a VM, 127.0.0.1 locally)",
-    stop="stop whatever is serving and exit",
-    wait="seconds to wait for /health",
-))
-def serve(c, run="", engine="native", quantize="", port=0, bind="", stop=False, wait=300,
-          target="", stack="", host="", user="", key=""):
+@task(
+    auto_shortflags=False,
+    help=_help(
+        run="the run whose model/ to serve (default: the latest with a model)",
+        engine="native (python -m serving.server) or tgi (Docker, launch_gpt2.sh)",
+        quantize="int8: dynamic int8 weights (native engine, CPU)",
+        port="API port (default: the stack's api_port, 8080)",
+        bind="address to listen on (default: 0.0.0.0 on a VM, 127.0.0.1 locally)",
+        stop="stop whatever is serving and exit",
+        wait="seconds to wait for /health",
+    ),
+)
+def serve(
+    c,
+    run="",
+    engine="native",
+    quantize="",
+    port=0,
+    bind="",
+    stop=False,
+    wait=300,
+    target="",
+    stack="",
+    host="",
+    user="",
+    key="",
+):
     """Serve a run's model behind the stack's API key; render prompt.sh and chat.html.
 
     The native engine runs as a systemd service (restarts on failure and at boot); TGI runs
@@ -267,14 +324,23 @@ def serve(c, run="", engine="native", quantize="", port=0, bind="", stop=False, 
         took = srv.wait_healthy(runner, port, wait)
         url = _api_url(where, port)
         fmt = srv.remote_prompt_format(runner, model_dir)
-        srv.save_served(where, {"run": info["name"], "engine": engine, "url": url,
-                                "prompt_format": fmt})
+        srv.save_served(
+            where, {"run": info["name"], "engine": engine, "url": url, "prompt_format": fmt}
+        )
     print(f"healthy after {took:.0f}s at {url}  (API key {srv.mask(api_key)})")
     _render_clients(where, url, api_key, fmt)
 
 
-def _start_engine(runner: Runner, where: Target, engine: str, model_dir: str, port: int,
-                  bind: str, quantize: str, api_key: str) -> str:
+def _start_engine(
+    runner: Runner,
+    where: Target,
+    engine: str,
+    model_dir: str,
+    port: int,
+    bind: str,
+    quantize: str,
+    api_key: str,
+) -> str:
     from remote import serve as srv
 
     if quantize not in ("", "int8"):
@@ -282,8 +348,9 @@ def _start_engine(runner: Runner, where: Target, engine: str, model_dir: str, po
     gpu = not where.local and runner.has_command("nvidia-smi")
     if engine == "native":
         bind = bind or ("127.0.0.1" if where.local else "0.0.0.0")  # noqa: S104 (the SG limits who)
-        argv = srv.native_argv(runner.python(), model_dir, bind=bind, port=port,
-                               quantize=quantize, gpu=gpu)
+        argv = srv.native_argv(
+            runner.python(), model_dir, bind=bind, port=port, quantize=quantize, gpu=gpu
+        )
         return srv.start_native(runner, argv, api_key)
     if engine == "tgi":
         if quantize:
@@ -291,8 +358,9 @@ def _start_engine(runner: Runner, where: Target, engine: str, model_dir: str, po
         from remote.render import render_launch_script
 
         n_positions = _n_positions(runner, model_dir)
-        script = render_launch_script(model_dir=model_dir, api_port=port, api_key=api_key,
-                                      gpu=gpu, n_positions=n_positions)
+        script = render_launch_script(
+            model_dir=model_dir, api_port=port, api_key=api_key, gpu=gpu, n_positions=n_positions
+        )
         return srv.start_tgi(runner, script)
     raise Exit(f"--engine {engine!r}: use native or tgi.")
 
@@ -317,26 +385,33 @@ def _render_clients(where: Target, url: str, api_key: str, fmt: dict | None) -> 
 
     script = render_prompt_script(where, url, api_key)
     page = render_chat_page(where, url, api_key, fmt)
-    print(f"prompt script: {script}   (./{script.name} \"Name three colors.\" 50)")
+    print(f'prompt script: {script}   (./{script.name} "Name three colors." 50)')
     print(f"chat page:     {page}   (fab chat opens it)")
     return page
 
 
-@task(auto_shortflags=False, positional=["text"], help=_help(
-    text="what to ask", max_tokens="the most tokens to generate",
-    raw="send the text as is, without the instruction format the fine-tune learned",
-    url="API base URL (default: what `fab serve` served; e.g. the `fab tunnel` port)",
-))
-def prompt(c, text, max_tokens=64, raw=False, url="",
-           target="", stack="", host="", user="", key=""):
+@task(
+    auto_shortflags=False,
+    positional=["text"],
+    help=_help(
+        text="what to ask",
+        max_tokens="the most tokens to generate",
+        raw="send the text as is (the default for a model without prompt_format.json)",
+        url="API base URL (default: what `fab serve` served; e.g. the `fab tunnel` port)",
+    ),
+)
+def prompt(
+    c, text, max_tokens=64, raw=False, url="", target="", stack="", host="", user="", key=""
+):
     """Ask the served model one question through the API (POST /generate)."""
     from remote.api import generate
     from remote.serve import api_key, load_served
 
     where = resolve(target, stack, host, user, key)
-    base = (url or load_served(where).get("url") or where.api_url).rstrip("/")
-    if raw:
-        inputs = text
+    served = load_served(where)
+    base = (url or served.get("url") or where.api_url).rstrip("/")
+    if raw or (served and not served.get("prompt_format")):
+        inputs = text  # a pretrained-only model never learned the instruction format
     else:
         from remote.jobs.prompts import format_prompt
 
@@ -345,8 +420,13 @@ def prompt(c, text, max_tokens=64, raw=False, url="",
     print(answer.get("generated_text", "").strip())
 
 
-@task(auto_shortflags=False, help=_help(open="open the page in the default browser (--no-open: print its path)",
-                 url="API base URL to bind the page to (default: what `fab serve` served)"))
+@task(
+    auto_shortflags=False,
+    help=_help(
+        open="open the page in the default browser (--no-open: print its path)",
+        url="API base URL to bind the page to (default: what `fab serve` served)",
+    ),
+)
 def chat(c, open=True, url="", target="", stack="", host="", user="", key=""):
     """Render the chat page for this stack and open it in the browser."""
     from remote.serve import api_key, load_served
@@ -369,10 +449,20 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
     if where.local:
         raise Exit("--target local needs no tunnel: the API is already on 127.0.0.1.")
     local = int(local_port) or where.api_port
-    argv = where.ssh_argv("-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
-                          "-L", f"127.0.0.1:{local}:127.0.0.1:{where.api_port}")
-    print(f"forwarding http://127.0.0.1:{local} -> {where.host}:{where.api_port} "
-          f"(fab prompt --url http://127.0.0.1:{local} \"...\"); Ctrl-C to stop", flush=True)
+    argv = where.ssh_argv(
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-o",
+        "BatchMode=yes",
+        "-L",
+        f"127.0.0.1:{local}:127.0.0.1:{where.api_port}",
+    )
+    print(
+        f"forwarding http://127.0.0.1:{local} -> {where.host}:{where.api_port} "
+        f'(fab prompt --url http://127.0.0.1:{local} "..."); Ctrl-C to stop',
+        flush=True,
+    )
     try:
         code = subprocess.run(argv).returncode
     except KeyboardInterrupt:
@@ -381,7 +471,10 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
         raise Exit(f"the tunnel ended (ssh exit {code}).", code=code)
 
 
-@task(auto_shortflags=False, help=_help(open="open an interactive shell instead of printing the command"))
+@task(
+    auto_shortflags=False,
+    help=_help(open="open an interactive shell instead of printing the command"),
+)
 def ssh(c, open=False, target="", stack="", host="", user="", key=""):
     """Print the exact ssh command for the host (pinned host key, stack key), or --open it."""
     where = resolve(target, stack, host, user, key)
@@ -429,5 +522,6 @@ def _aws_target(stack: str) -> Target:
     return where
 
 
-ns = Collection(setup, train, runs, logs, status, cancel, fetch, serve, prompt, chat, tunnel,
-                ssh, start, stop)
+ns = Collection(
+    setup, train, runs, logs, status, cancel, fetch, serve, prompt, chat, tunnel, ssh, start, stop
+)

@@ -58,6 +58,13 @@ class GenerateRequest(_Request):
     stream: bool = False  # only read by the compat route ``POST /``
 
 
+class TokenizeRequest(_Request):
+    """TGI's /tokenize body: the generate request's shape; only ``inputs`` matters."""
+
+    inputs: str
+    parameters: GenerateParameters | None = None
+
+
 class Token(_Response):
     id: int
     text: str

@@ -41,6 +41,7 @@ from serving.schema import (
     StreamDetails,
     StreamResponse,
     Token,
+    TokenizeRequest,
 )
 from serving.service import Service, TemplateError
 from serving.settings import Settings, from_args
@@ -97,6 +98,7 @@ def create_app(settings: Settings, loaded: LoadedModel) -> FastAPI:
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],  # so a page can say how long to wait after a 429
             max_age=600,
         )
     return app
@@ -152,6 +154,17 @@ def _add_tgi_routes(app: FastAPI, service: Service) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> list[dict[str, Any]]:
+        """TGI's /tokenize: lets a client (the chat page) count a prompt's tokens exactly."""
+        if not req.inputs:
+            raise ValidationError("`inputs` cannot be empty")
+        enc = service.loaded.tokenizer(req.inputs, return_offsets_mapping=True)
+        return [
+            {"id": i, "text": req.inputs[a:b], "start": a, "stop": b}
+            for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        ]
 
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request) -> dict[str, Any]:

@@ -117,7 +117,7 @@ def build_tiny_model(out: Path, *, n_positions: int = 256, seed: int = 0) -> Pat
     import torch
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-    from remote.jobs.prompts import install_chat_format
+    from remote.jobs.prompts import save_tokenizer_with_chat_format
     from remote.jobs.tokenizer import train_bpe
 
     tok = train_bpe(tiny_texts(), vocab_size=512, min_frequency=1)
@@ -136,9 +136,8 @@ def build_tiny_model(out: Path, *, n_positions: int = 256, seed: int = 0) -> Pat
     model = GPT2LMHeadModel(config)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos)
     out.mkdir(parents=True, exist_ok=True)
-    install_chat_format(tok, out)
+    save_tokenizer_with_chat_format(tok, out)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
     return out
 
 

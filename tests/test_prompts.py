@@ -3,6 +3,7 @@
 import json
 
 from remote.jobs.prompts import (
+    CHAT_TEMPLATE,
     PROMPT_FORMAT,
     PROMPT_FORMAT_FILE,
     format_example,
@@ -52,3 +53,9 @@ def test_format_example_closes_with_eos():
     prompt, completion = format_example("Add.", "2 and 3", " 5 ", eos="<|endoftext|>")
     assert prompt.endswith("### Input:\n2 and 3\n\n### Response:\n")
     assert completion == "5<|endoftext|>"
+
+
+def test_chat_template_lives_in_tokenizer_config(tiny_model_dir):
+    # TGI 3.1 reads the template from tokenizer_config.json, not from chat_template.jinja.
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE

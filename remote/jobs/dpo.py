@@ -41,7 +41,7 @@ from typing import Any
 from remote.jobs.dist import Dist
 from remote.jobs.errors import JobError
 from remote.jobs.presets import DatasetError
-from remote.jobs.prompts import install_chat_format
+from remote.jobs.prompts import save_tokenizer_with_chat_format
 from remote.jobs.rundir import COMPLETED, INTERRUPTED, RunDir
 
 log = logging.getLogger("tinycloud.dpo")
@@ -298,8 +298,7 @@ def save_model(trainer, tok, model_dir: Path) -> None:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(model_dir)
-    install_chat_format(tok, model_dir)
-    tok.save_pretrained(model_dir)
+    save_tokenizer_with_chat_format(tok, model_dir)
 
 
 def train_dpo(args: argparse.Namespace, run: RunDir | None, dist: Dist) -> None:

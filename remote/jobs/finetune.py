@@ -33,7 +33,7 @@ from remote.jobs import dist as distlib
 from remote.jobs import memory, rundir
 from remote.jobs.batching import FlattenBatch, PadToLongest, response_loss, tokenize_examples
 from remote.jobs.presets import DatasetError, describe_presets, load_splits
-from remote.jobs.prompts import install_chat_format
+from remote.jobs.prompts import save_tokenizer_with_chat_format
 
 # --- defaults (one per line; every one is a flag) --------------------------------------------
 MODEL = "gpt2"  # hub id or a local save_pretrained dir (e.g. runs/<pretrain>/model)
@@ -317,7 +317,11 @@ def add_lora(model: Any, rank: int, alpha: int) -> Any:
 
     def config(targets: Any) -> Any:
         return LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=0.0,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
         )
 
     try:
@@ -502,12 +506,21 @@ def final_eval(trainer: Any) -> dict[str, float]:
     return trainer.evaluate()
 
 
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest ``checkpoint-N`` with its trainer_state.json, which the Trainer writes last:
+    a kill in the middle of saving leaves the one before it to resume from."""
+    done = [
+        (int(p.name.rsplit("-", 1)[1]), p)
+        for p in out.glob("checkpoint-*")
+        if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return str(max(done)[1]) if done else None
+
+
 def _resume_point(args: argparse.Namespace, out: Path, run: rundir.RunDir | None) -> str | None:
     if not args.resume:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    last = last_complete_checkpoint(out)
     if last is None:
         if run is not None:
             run.log("--resume: no checkpoint in %s yet; starting from step 0", out)
@@ -549,10 +562,7 @@ def save_model(model: Any, tok: Any, model_dir: Path) -> None:
     shutil.rmtree(model_dir, ignore_errors=True)  # --overwrite: no stale file from before
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir)
-    install_chat_format(tok, model_dir)
-    # save_jinja_files=False: the template goes into tokenizer_config.json, where TGI reads it
-    # (transformers 5 would otherwise write it to chat_template.jinja alone).
-    tok.save_pretrained(model_dir, save_jinja_files=False)
+    save_tokenizer_with_chat_format(tok, model_dir)
 
 
 if __name__ == "__main__":

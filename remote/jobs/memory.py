@@ -80,9 +80,7 @@ def shape_of(config: Any) -> ModelShape:
         n_embd=_first(config, "n_embd", "hidden_size", "d_model"),
         n_head=_first(config, "n_head", "num_heads", "num_attention_heads", default=1),
         vocab_size=_first(config, "vocab_size"),
-        n_positions=_first(
-            config, "n_positions", "max_position_embeddings", "n_ctx", default=1024
-        ),
+        n_positions=_first(config, "n_positions", "max_position_embeddings", "n_ctx", default=1024),
     )
 
 
@@ -215,6 +213,8 @@ def remedies(shape: ModelShape, est: Estimate, budget: int, grad_accum: int) -> 
         out.append(f"--lora-rank 8 ({_g(n)})")
     if s["optimizer"] == "adamw" and (n := need(optimizer="sgd-momentum")) <= budget:
         out.append(f"--optimizer sgd-momentum ({_g(n)})")
+    if not out and (n := need(batch_size=1, lora_rank=8, seq_len=min(256, s["seq_len"]))) <= budget:
+        out.append(f"--batch-size 1 --lora-rank 8 --max-length 256 together ({_g(n)})")
     bigger = [name for name, gib in INSTANCES if gib * GIB * 0.9 >= est.total]
     if bigger:
         out.append(f"a bigger instance, e.g. {bigger[0]}")
@@ -248,4 +248,3 @@ def peak_bytes(device: str) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
-

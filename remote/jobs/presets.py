@@ -254,10 +254,12 @@ def resolve_source(dataset: str) -> tuple[str, Preset | None]:
 
 def _load_dict(source: str, preset: Preset | None) -> Any:
     """The whole DatasetDict (all splits) behind ``source``."""
-    from datasets import load_dataset
+    from datasets import disable_progress_bars, load_dataset
 
     path = Path(source)
     try:
+        if path.exists():
+            disable_progress_bars()  # a local file loads in a blink: no bars in the log
         if path.is_file():
             builder = LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
@@ -415,7 +417,7 @@ def hold_out(
         val_size = min(DEFAULT_VAL_SIZE, max(1, int(len(rows) * DEFAULT_VAL_FRACTION)))
     n = max(1, min(val_size, len(rows) // 2))
     order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
+    random.Random(seed).shuffle(order)  # noqa: S311 (a data split, not a secret)
     held = set(order[:n])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 

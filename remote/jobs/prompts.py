@@ -1,10 +1,11 @@
 """The prompt format: the one place it is written down.
 
-Fine-tuning formats every instruction example with it; ``finetune`` writes the matching chat
-template into the model's ``tokenizer_config.json`` (so TGI's ``/v1/chat/completions`` works)
-and the same pieces as ``prompt_format.json`` beside it (so the chat page and the native
-server's ``/info`` can build multi-turn prompts without a Jinja engine). ``remote`` renders the
-chat page with ``PROMPT_FORMAT`` from here. Nothing else spells these strings out.
+Fine-tuning formats every instruction example with it. ``save_tokenizer_with_chat_format``
+writes the matching chat template into the model's ``tokenizer_config.json`` (so TGI's
+``/v1/chat/completions`` works) and the same pieces as ``prompt_format.json`` beside it (so
+the chat page and the native server's ``/info`` can build multi-turn prompts without a Jinja
+engine). ``remote`` renders the chat page with ``PROMPT_FORMAT`` from here. Nothing else
+spells these strings out.
 
 The format is Alpaca's (instruction, optional input, response), with the end-of-text token
 closing every response so the model learns to stop.
@@ -79,11 +80,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def install_chat_format(tokenizer: Any, model_dir: str | Path) -> None:
-    """Set the chat template on ``tokenizer`` and write ``prompt_format.json`` into
-    ``model_dir``. Call before ``tokenizer.save_pretrained(model_dir)``."""
+def save_tokenizer_with_chat_format(tokenizer: Any, model_dir: str | Path) -> None:
+    """Save ``tokenizer`` into ``model_dir`` with the chat template in tokenizer_config.json,
+    and write ``prompt_format.json`` beside it.
+
+    ``save_jinja_files=False`` because transformers 5 otherwise moves the template into
+    ``chat_template.jinja``, which TGI 3.1 does not read.
+    """
     tokenizer.chat_template = CHAT_TEMPLATE
     fmt = {**PROMPT_FORMAT, "eos": tokenizer.eos_token}
     path = Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(path, save_jinja_files=False)
     (path / PROMPT_FORMAT_FILE).write_text(json.dumps(fmt, indent=2) + "\n")

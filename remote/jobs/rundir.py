@@ -19,6 +19,7 @@ Only rank 0 of a distributed run writes here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 RUNS_ENV = "TINYCLOUD_RUNS"  # overrides the runs root; `fab` sets it on the VM
 DEFAULT_RUNS_ROOT = "runs"  # relative to the working directory
@@ -60,13 +61,18 @@ def runs_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(explicit or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_ROOT)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via temp file + fsync + rename, so a reader (or a crash) never sees half a file."""
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """Open a temp file beside ``path``; on success fsync it and rename it over ``path``.
+
+    A reader (or a crash, even SIGKILL mid-write) never sees half a file: it sees the old one
+    or the new one, and at worst a stray ``.<name>.*.tmp`` is left behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -74,28 +80,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` with the same temp + fsync + rename guarantee as ``atomic_write_bytes``.
-
-    A SIGKILL mid-write leaves only a stray ``.ckpt.pt.*.tmp``; ``ckpt.pt`` stays the last
-    complete checkpoint.
-    """
+    """``torch.save`` through ``atomic_open``: ``ckpt.pt`` is always the last complete one."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def _fsync_dir(path: Path) -> None:

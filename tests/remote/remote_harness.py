@@ -78,8 +78,12 @@ def fab_cli(env: dict[str, str], *args: str, **kw) -> subprocess.Popen:
     """`fab` as its own process (for tests that kill it)."""
     return subprocess.Popen(
         [str(Path(sys.executable).with_name("fab")), *args],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, **kw,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
     )
 
 
@@ -102,8 +106,9 @@ class Sshd:
 
 
 def _keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)],
-                   check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)], check=True
+    )
     return path.with_suffix(".pub").read_text().strip()
 
 
@@ -113,14 +118,17 @@ def _dedicated_user(home: Path) -> str | None:
     if os.geteuid() != 0 or not shutil.which("useradd"):
         return None
     name = f"tcvm{uuid.uuid4().hex[:6]}"
-    made = subprocess.run(["useradd", "--home-dir", str(home), "--no-create-home",
-                           "--shell", "/bin/bash", name], capture_output=True)
+    made = subprocess.run(
+        ["useradd", "--home-dir", str(home), "--no-create-home", "--shell", "/bin/bash", name],
+        capture_output=True,
+    )
     if made.returncode != 0:
         return None
     uid = pwd.getpwnam(name).pw_uid
     os.chown(home, uid, uid)
-    probe = subprocess.run(["runuser", "-u", name, "--", VENV_PYTHON, "-c", "import torch"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["runuser", "-u", name, "--", VENV_PYTHON, "-c", "import torch"], capture_output=True
+    )
     if probe.returncode == 0:
         return name
     subprocess.run(["userdel", name], capture_output=True)
@@ -130,7 +138,9 @@ def _dedicated_user(home: Path) -> str | None:
 @pytest.fixture(scope="session", name="sshd")
 def sshd_fixture(tmp_path_factory):
     if not Path(SSHD).exists():
-        pytest.skip("OpenSSH server (/usr/sbin/sshd) is not installed: apt-get install openssh-server")
+        pytest.skip(
+            "OpenSSH server (/usr/sbin/sshd) is not installed: apt-get install openssh-server"
+        )
     base = tmp_path_factory.mktemp("sshd")
     home = base / "home"
     home.mkdir(mode=0o755)
@@ -142,8 +152,10 @@ def sshd_fixture(tmp_path_factory):
     else:
         user = pwd.getpwuid(os.getuid()).pw_name
         remote_dir = str(home / "tinycloud")
-        note = (f"current user {user} with work dir {remote_dir}: a dedicated account could not "
-                "run this checkout's Python (it lives under a home only root can enter)")
+        note = (
+            f"current user {user} with work dir {remote_dir}: a dedicated account could not "
+            "run this checkout's Python (it lives under a home only root can enter)"
+        )
     auth = base / "authorized_keys"
     auth.write_text((base / "client_ed25519.pub").read_text())
     port = free_port()
@@ -220,14 +232,15 @@ def make_instance(aws_env: dict[str, str], state: str = "running") -> str:
     with mock.patch.dict(os.environ, aws_env):
         ec2 = boto3.client("ec2", region_name="us-east-1")
         image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-        iid = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1,
-                                InstanceType="m5.large")["Instances"][0]["InstanceId"]
+        iid = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, InstanceType="m5.large")[
+            "Instances"
+        ][0]["InstanceId"]
         if state == "stopped":
             ec2.stop_instances(InstanceIds=[iid])
     return iid
 
 
-# --- the recorded stack outputs, pointed at the test VM ---------------------------------------------
+# --- the recorded stack outputs, pointed at the test VM --------------------------------------
 
 
 def recorded_outputs() -> dict:
@@ -248,10 +261,15 @@ def vm_fixture(sshd, moto, tmp_path_factory) -> dict[str, str]:
     api_port = free_port()
     outputs = write_outputs(
         state / "vmtest.json",
-        instance_id=make_instance(moto), region="us-east-1",
-        public_dns="127.0.0.1", public_ip="127.0.0.1", ssh_user=sshd.user,
-        api_port=api_port, api_url=f"http://127.0.0.1:{api_port}",
-        private_key=sshd.client_key.read_text(), host_public_key=sshd.host_public_key,
+        instance_id=make_instance(moto),
+        region="us-east-1",
+        public_dns="127.0.0.1",
+        public_ip="127.0.0.1",
+        ssh_user=sshd.user,
+        api_port=api_port,
+        api_url=f"http://127.0.0.1:{api_port}",
+        private_key=sshd.client_key.read_text(),
+        host_public_key=sshd.host_public_key,
         allowed_cidrs=["127.0.0.1/32"],
     )
     marker = state / "ready"
@@ -279,7 +297,8 @@ def fake_uv(folder: Path) -> Path:
     script.write_text(f"""#!/bin/sh
 echo "$*" >> {log}
 case "$1" in
-  venv) mkdir -p .venv/bin && printf '#!/bin/sh\\nexec %s "$@"\\n' {VENV_PYTHON} > .venv/bin/python \\
+  venv) mkdir -p .venv/bin \\
+          && printf '#!/bin/sh\\nexec %s "$@"\\n' {VENV_PYTHON} > .venv/bin/python \\
           && chmod +x .venv/bin/python ;;
   pip) test -s requirements.txt || {{ echo "no requirements.txt" >&2; exit 2; }} ;;
   *) echo "fake uv: unexpected $1" >&2; exit 2 ;;

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from remote_harness import fab_fixture, moto_fixture, sshd_fixture, vm_fixture  # noqa: F401
-from remote_harness import fab_cli, write_outputs
+from remote_harness import (  # noqa: F401
+    fab_cli,
+    fab_fixture,
+    moto_fixture,
+    sshd_fixture,
+    vm_fixture,
+    write_outputs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,8 +93,13 @@ def test_ssh_prints_a_command_that_logs_in_with_the_pinned_host_key(fab, vm, ssh
     assert "UserKnownHostsFile=" in command and "StrictHostKeyChecking=yes" in command
     key = Path(command.split("-i ", 1)[1].split()[0])
     assert key.stat().st_mode & 0o777 == 0o600
-    done = subprocess.run(f"{command} -o BatchMode=yes echo logged-in", shell=True,
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        f"{command} -o BatchMode=yes echo logged-in",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "logged-in"
 
@@ -96,8 +107,12 @@ def test_ssh_prints_a_command_that_logs_in_with_the_pinned_host_key(fab, vm, ssh
 def test_wrong_host_key_is_refused(fab, vm, tmp_path):
     outputs = write_outputs(
         tmp_path / "imposter.json",
-        **{**_outputs(vm), "host_public_key": (
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICDMZspODPbAxRxQsuwFoVMsGKYfHInW9RlTBU9CjLuX")},
+        **{
+            **_outputs(vm),
+            "host_public_key": (
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICDMZspODPbAxRxQsuwFoVMsGKYfHInW9RlTBU9CjLuX"
+            ),
+        },
     )
     r = fab({**vm, "TINYCLOUD_STACK_OUTPUTS": str(outputs)}, "status")
     assert r.code == 1
@@ -161,8 +176,12 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert twice.code == 1 and "is still" in twice.err, twice.text
 
     # A crash: SIGKILL once a checkpoint exists. run.json still says "running".
-    _wait_for("a checkpoint", lambda: (sshd.work / "runs" / RUN / "ckpt.pt").exists()
-              and (_meta(sshd).get("step") or 0) >= 30)
+    _wait_for(
+        "a checkpoint",
+        lambda: (
+            (sshd.work / "runs" / RUN / "ckpt.pt").exists() and (_meta(sshd).get("step") or 0) >= 30
+        ),
+    )
     os.killpg(pid, signal.SIGKILL)
     _wait_for("the job to die", lambda: not _alive(pid))
     status = fab(vm, "status")
@@ -186,8 +205,12 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
         assert line or follower.poll() is None, f"the follower exited: {''.join(seen)}"
         return "/300 | loss" in line and any(f"resumed {RUN}" in x for x in seen)
 
-    _wait_for("the follower to stream a step after the resume", followed_past_the_resume,
-              timeout=180, every=0)
+    _wait_for(
+        "the follower to stream a step after the resume",
+        followed_past_the_resume,
+        timeout=180,
+        every=0,
+    )
     follower.kill()
     follower.wait(10)
     assert _alive(new_pid), "the job should still be running when the connection drops"
@@ -205,8 +228,11 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
 
 @pytest.mark.slow
 def test_fetch_verifies_repairs_and_reports_corruption(fab, vm, sshd):
-    _wait_for("the trained run", lambda: (sshd.work / "runs" / RUN / "manifest.sha256").exists(),
-              timeout=5)
+    _wait_for(
+        "the trained run",
+        lambda: (sshd.work / "runs" / RUN / "manifest.sha256").exists(),
+        timeout=5,
+    )
     local = Path(vm["TINYCLOUD_LOCAL_RUNS"]) / RUN
     first = fab(vm, "fetch", RUN)
     assert first.code == 0, first.text
@@ -254,7 +280,9 @@ def test_serve_native_then_prompt_tunnel_and_chat(fab, vm, sshd):
         outputs = json.loads(Path(vm["TINYCLOUD_STACK_OUTPUTS"]).read_text())
         url = outputs["api_url"]
 
-        asked = fab(vm, "prompt", "Name three colors.", "--max-tokens", "4")
+        # The tiny pretrain has no prompt_format.json, so the text goes as is (a 32-token
+        # context could not hold the instruction format anyway).
+        asked = fab(vm, "prompt", "The quick brown fox", "--max-tokens", "4")
         assert asked.code == 0, asked.text
         assert asked.out.strip(), "the model said nothing at all"
         _assert_key_required(url)
@@ -262,8 +290,9 @@ def test_serve_native_then_prompt_tunnel_and_chat(fab, vm, sshd):
         # prompt.sh as rendered, run as a user would run it.
         script = Path(vm["TINYCLOUD_RENDERED"]) / "vmtest" / "prompt.sh"
         assert script.stat().st_mode & 0o777 == 0o700
-        ran = subprocess.run([str(script), "Hello", "3"], capture_output=True, text=True,
-                             timeout=120)
+        ran = subprocess.run(
+            [str(script), "Hello", "3"], capture_output=True, text=True, timeout=120
+        )
         assert ran.returncode == 0, ran.stderr
 
         chat = fab(vm, "chat", "--no-open")
@@ -282,8 +311,9 @@ def test_serve_native_then_prompt_tunnel_and_chat(fab, vm, sshd):
 
 
 def _assert_key_required(url: str) -> None:
-    request = urllib.request.Request(f"{url}/generate", data=b'{"inputs": "hi"}',
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/generate", data=b'{"inputs": "hi"}', headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 401
@@ -293,6 +323,7 @@ def _check_tunnel(vm: dict[str, str], api_port: int) -> None:
     local_port = free_port()
     tunnel = fab_cli(vm, "tunnel", "--local-port", str(local_port))
     try:
+
         def healthy() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{local_port}/health", timeout=5):
@@ -309,8 +340,9 @@ def _check_tunnel(vm: dict[str, str], api_port: int) -> None:
 def _check_restart_on_failure(sshd, url: str) -> None:
     """Kill the server process (not its keeper): it must come back by itself."""
     loop = int((sshd.work / "serve" / "server.pid").read_text())
-    children = subprocess.run(["pgrep", "-s", str(loop), "-f", "serving.server"],
-                              capture_output=True, text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-s", str(loop), "-f", "serving.server"], capture_output=True, text=True
+    ).stdout.split()
     server = [int(p) for p in children if int(p) != loop]
     assert server, "no server process under the restart loop"
     for pid in server:

@@ -304,3 +304,25 @@ def test_fifty_concurrent_requests_all_answered_and_batching_changes_nothing(ser
     assert all(r.json()["details"]["generated_tokens"] == 8 for r in replies)
     # decoded inside a batch of up to 8 with different lengths: same greedy text as alone
     assert replies[3].json()["generated_text"] == solo
+
+
+def test_tokenize_counts_like_the_model_tokenizer(client, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    text = 'Say "hi" 😀 twice'
+    got = client.post("/tokenize", json={"inputs": text})
+    assert got.status_code == 200
+    pieces = got.json()
+    assert [p["id"] for p in pieces] == AutoTokenizer.from_pretrained(tiny_model_dir)(
+        text
+    ).input_ids
+    assert all(p["text"] == text[p["start"] : p["stop"]] for p in pieces)
+    assert pieces[0]["start"] == 0 and pieces[-1]["stop"] == len(text)
+    empty = client.post("/tokenize", json={"inputs": ""})
+    assert empty.status_code == 422 and empty.json()["error_type"] == "validation"
+
+
+def test_prompt_format_file_name_matches_the_jobs():
+    from remote.jobs.prompts import PROMPT_FORMAT_FILE
+
+    assert C.PROMPT_FORMAT_FILE == PROMPT_FORMAT_FILE  # serving stands alone: two copies, one test

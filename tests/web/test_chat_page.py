@@ -204,7 +204,7 @@ def test_page_shows_server_model_and_format(server, open_chat):
 def test_message_streams_token_by_token(server, open_chat, tmp_path):
     chat = open_chat(server)
     chat.wait_online()
-    chat.set(max_new_tokens=80, **SAMPLING)
+    chat.set(max_new_tokens=120, **SAMPLING)  # a long stream: it arrives in parts
     # Record each state the answer's text went through, and in how many separate moments.
     chat.page.evaluate(
         """() => { window.before = []; window.moments = 0;
@@ -234,7 +234,7 @@ def test_message_streams_token_by_token(server, open_chat, tmp_path):
     # The prompt is the fine-tune's format, from /info, and the request says what the UI says.
     sent = chat.requests[-1]
     assert sent["inputs"] == expected_prompt("line one\nline two")
-    assert sent["parameters"]["max_new_tokens"] == 80
+    assert sent["parameters"]["max_new_tokens"] == 120
     assert sent["parameters"]["do_sample"] is True
     assert chat.page.text_content("#last-prompt") == sent["inputs"]
 
