@@ -121,13 +121,6 @@ def _alive(runner: Runner, pid: int) -> bool:
     return runner.run(ALIVE_SH.format(pid=int(pid)) + "; alive", warn=True).ok
 
 
-def run_pid(runner: Runner, name: str) -> int | None:
-    info = find_run(runner, name)
-    if info is None:
-        raise Exit(f"no run {name!r} on the host. `fab runs` lists them.")
-    return info["pid"] if info["alive"] else None
-
-
 def follow(
     runner: Runner, name: str, log: str = TRAIN_LOG, *, poll: float = 1.0, out: TextIO | None = None
 ) -> None:
@@ -167,16 +160,19 @@ def _poll_log(runner: Runner, path: str, pid_path: str, offset: int) -> tuple[bo
     return alive == "1", chunk, max(offset, int(size))
 
 
-def cancel(runner: Runner, name: str, grace: int = 30) -> str:
-    """SIGTERM the job's process group (it saves a checkpoint), SIGKILL after ``grace`` s."""
-    pid = run_pid(runner, name)
-    if pid is None:
-        raise Exit(f"run {name!r} is not running; nothing to cancel.")
-    p = int(pid)
+def cancel(runner: Runner, name: str, grace: int = 30) -> tuple[str, str]:
+    """SIGTERM the job's process group (it saves a checkpoint), SIGKILL after ``grace`` s.
+    Returns ("stopped" or "killed", the job's name)."""
+    info = find_run(runner, name)
+    if info is None:
+        raise Exit(f"no run {name!r} on the host. `fab runs` lists them.")
+    if not info["alive"]:
+        raise Exit(f"run {name!r} is not running ({info['state']}); nothing to cancel.")
+    p = int(info["pid"])
     script = (
         ALIVE_SH.format(pid=p) + f"; kill -TERM -- -{p} 2>/dev/null || kill -TERM {p}; i=0; "
         f"while alive && [ $i -lt {int(grace) * 5} ]; do sleep 0.2; i=$((i+1)); done; "
         f"if alive; then kill -KILL -- -{p} 2>/dev/null || kill -KILL {p}; echo killed; "
         "else echo stopped; fi"
     )
-    return runner.sh(script, timeout=int(grace) + 30).stdout.strip()
+    return runner.sh(script, timeout=int(grace) + 30).stdout.strip(), info.get("job") or "<job>"

@@ -107,9 +107,16 @@ def setup(
             required = where.from_stack or bool(settings.env("READY_MARKER"))
             wait_for_boot(runner, required=required, timeout=wait)
         changed = sync_code(runner, sync)
-        print(f"code: {len(changed)} file(s) updated" + "".join(f"\n  {p}" for p in changed))
+        print(f"code: {len(changed)} file(s) updated" + _listing(changed))
         print(f"python: {ensure_env(runner, python=python, torch_backend=torch_backend)}")
         print(f"ready: {'this machine' if where.local else where.host}:{runner.base}")
+
+
+def _listing(paths: list[str], most: int = 10) -> str:
+    shown = (
+        paths if len(paths) <= most + 2 else [*paths[:most], f"... and {len(paths) - most} more"]
+    )
+    return "".join(f"\n  {p}" for p in shown)
 
 
 # --- train and watch ---------------------------------------------------------------------------
@@ -237,8 +244,8 @@ def cancel(c, run, grace=30, target="", stack="", host="", user="", key=""):
     from remote.launch import cancel as cancel_run
 
     with _session(target, stack, host, user, key) as (_where, runner):
-        how = cancel_run(runner, run, grace)
-        print(f"{run}: {how}. Continue it later with `fab train <job> --name {run} --resume`.")
+        how, job = cancel_run(runner, run, grace)
+        print(f"{run}: {how}. Continue it later with `fab train {job} --name {run} --resume`.")
 
 
 @task(
@@ -522,6 +529,69 @@ def _aws_target(stack: str) -> Target:
     return where
 
 
+# --- the offline quick start -------------------------------------------------------------------
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "fresh": "forget the demo's earlier runs and start again",
+        "scale": "multiply every step count by this (0.05: a one-minute smoke run)",
+        "port": "API port on 127.0.0.1 (default 8080)",
+        "question": "what to ask the served model at the end",
+    },
+)
+def demo(c, fresh=False, scale="1", port=0, question=""):
+    """Offline quick start on this machine: pretrain, fine-tune, evaluate, serve, chat page.
+
+    No cloud account, no network: the shipped corpus and instruction set. Runs the same jobs
+    and server `fab train` and `fab serve` run on a VM. Re-running reuses finished steps.
+    """
+    from remote import demo as d
+    from remote.api import generate
+    from remote.jobs.prompts import format_prompt
+    from remote.serve import api_key, load_served
+
+    d.check_local_environment()
+    where = resolve("local", "", "", "", "")
+    jobs = d.steps(float(scale))
+    total = len(jobs) + 1
+    with connect(where) as runner:
+        if fresh:
+            d.clear(runner)
+        for i, step in enumerate(jobs, 1):
+            d.run_step(runner, step, i, total)
+        report = d.report_path(runner)
+    print(f"\n[{total}/{total}] serve the fine-tuned model, render the chat page", flush=True)
+    serve(c, run="demo-finetune", port=port, target="local")
+    url = load_served(where)["url"]
+    question = question or d.QUESTION
+    answer = generate(url, api_key(where), format_prompt(question), 48)["generated_text"]
+    page = settings.rendered_dir() / where.state_dir.name / "chat.html"
+    print(
+        "\ntinycloud demo is up\n"
+        f"  chat page   {page}   (open it, or `fab chat --target local`)\n"
+        f"  server      {url}   (stop: `fab serve --stop --target local`)\n"
+        f"  evaluation  {report}\n"
+        f"  Q: {question}\n"
+        f"  A: {answer.strip()}"
+    )
+
+
 ns = Collection(
-    setup, train, runs, logs, status, cancel, fetch, serve, prompt, chat, tunnel, ssh, start, stop
+    setup,
+    train,
+    runs,
+    logs,
+    status,
+    cancel,
+    fetch,
+    serve,
+    prompt,
+    chat,
+    tunnel,
+    ssh,
+    start,
+    stop,
+    demo,
 )

@@ -27,18 +27,14 @@ from typing import Any
 import numpy as np
 
 from remote.jobs.errors import JobError
+from remote.jobs.presets import LOCAL_BUILDERS
 
 SHIPPED_CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
 VAL_FRACTION = 0.1  # the course's 90/10 split
 SPLIT_RULE = "v1"  # part of the cache key: bump it if split_documents changes
-# Local data files `--hf-dataset` accepts, and the `datasets` builder that reads each.
-DATA_FILE_TYPES = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".txt": "text",
-}
+# Local data files `--hf-dataset` accepts, and the `datasets` builder that reads each: the ones
+# finetune reads (presets.py), and plain text, one row a line.
+DATA_FILE_TYPES = {**LOCAL_BUILDERS, ".txt": "text"}
 
 log = logging.getLogger("tinycloud.corpus")
 

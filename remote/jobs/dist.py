@@ -9,8 +9,11 @@ Rank 0 alone writes the run directory; every rank reads its own slice of the dat
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from remote.jobs.errors import JobError
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,25 @@ def broadcast_object(obj: Any, d: Dist) -> Any:
     box = [obj if d.is_main else None]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(d: Dist, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn`` on rank 0 only (None elsewhere); a JobError there is raised on every rank, and a
+    bug there stops every rank too, so none waits forever at the next collective."""
+    result, error, bug = None, None, None
+    if d.is_main:
+        try:
+            result = fn(*args, **kwargs)
+        except JobError as exc:
+            error = str(exc)
+        except BaseException as exc:
+            error, bug = f"rank 0 failed: {exc!r}", exc
+    error = broadcast_object(error, d)
+    if bug is not None:
+        raise bug
+    if error:
+        raise JobError(error)
+    return result
 
 
 def gather_objects(obj: Any, d: Dist) -> list[Any]:

@@ -38,20 +38,21 @@ import html
 import json
 import logging
 import math
-import signal
 import sys
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from remote.jobs import dist as distlib
 from remote.jobs import rundir
-from remote.jobs.errors import JobError
+from remote.jobs.errors import Interrupted, JobError
 from remote.jobs.flags import opt, parse
 from remote.jobs.generation import EOS, Answer, RewardModel, Settings
-from remote.jobs.presets import DatasetError
+from remote.jobs.guard import Guard
+from remote.jobs.models import pick_device
 from remote.jobs.prompts import format_prompt
+from remote.jobs.signals import StopSignal
 
 log = logging.getLogger("tinycloud.evaluate")
 
@@ -297,32 +298,6 @@ def render_report(
 # --- the job -----------------------------------------------------------------------------------
 
 
-class Stop:
-    """SIGTERM/SIGINT end the job after the current answer; the answers so far are kept."""
-
-    def __init__(self) -> None:
-        self.signum, self._old = 0, {}
-
-    def __enter__(self) -> Stop:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
-class Interrupted(Exception):
-    pass
-
-
 def done_answers(run: rundir.RunDir, prompts: list[Prompt]) -> dict[tuple[str, int], Answer]:
     """Answers a previous attempt wrote for these same prompts (for --resume)."""
     out = {}
@@ -350,14 +325,14 @@ def evaluate_model(
     c: Config, label: str, source: str, prompts: list[Prompt], ctx: dict[str, Any]
 ) -> tuple[list[Answer | None], tuple[float, int] | None]:
     """This rank's share of one model's answers, and its summed held-out loss."""
-    from remote.jobs.generation import answer, load_lm, pick_device, token_loss
+    from remote.jobs.generation import answer, load_lm, token_loss
 
     d, run, stop, done = ctx["dist"], ctx["run"], ctx["stop"], ctx["done"]
     model, tok = load_lm(source, pick_device(c.device, d.local_rank))
     mine: list[Answer | None] = [None] * len(prompts)
     for i in range(d.rank, len(prompts), d.world_size):
-        if stop.signum:
-            raise Interrupted
+        if stop.signum:  # the answers so far are in report.jsonl: --resume skips them
+            raise Interrupted(stop.signum)
         a = done.get((label, i))
         if a is None:
             text = prompts[i].render(c.raw_prompts)
@@ -378,7 +353,7 @@ def merge(shares: list[list[Answer | None]]) -> list[Answer]:
     return [next(s[i] for s in shares if s[i] is not None) for i in range(len(shares[0]))]
 
 
-def run_eval(c: Config, d: distlib.Dist, run: rundir.RunDir | None, stop: Stop) -> dict:
+def run_eval(c: Config, d: distlib.Dist, run: rundir.RunDir | None, stop: StopSignal) -> dict:
     prompts = draw_prompts(c)
     held_out = None
     if c.eval_data:
@@ -394,6 +369,11 @@ def run_eval(c: Config, d: distlib.Dist, run: rundir.RunDir | None, stop: Stop) 
         if run is not None:
             run.update(step=count[0] * d.world_size, max_steps=total)
 
+    if run is not None:
+        run.log(
+            "evaluate: %d prompts for %s%s", len(prompts), " and ".join(models.values()),
+            f"; eval loss on {len(held_out.rows)} held-out rows" if held_out else "",
+        )  # fmt: skip
     ctx = {"dist": d, "run": run, "stop": stop, "held_out": held_out, "progress": progress}
     ctx["done"] = done_answers(run, prompts) if run is not None and c.resume else {}
     if run is not None and not c.resume:
@@ -412,8 +392,6 @@ def run_eval(c: Config, d: distlib.Dist, run: rundir.RunDir | None, stop: Stop) 
 
 
 def score_answers(c: Config, prompts: list[Prompt], answers: dict[str, list[Answer]]) -> None:
-    from remote.jobs.generation import pick_device
-
     rm = RewardModel(c.reward_model, pick_device(c.device))
     for label, ans in answers.items():
         for p, a in zip(prompts, ans, strict=True):
@@ -441,6 +419,8 @@ def write_outputs(c, run, models, prompts, answers, summary) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 done, 1 a user error (one ``error:`` line), 143/130 stopped by SIGTERM/SIGINT
+    (``--resume`` keeps the answers so far); see guard.py."""
     c, _given = parse(
         Config,
         argv,
@@ -449,45 +429,23 @@ def main(argv: list[str] | None = None) -> int:
         check=check_config,
     )
     rundir.setup_logging()
-    d = distlib.setup()
-    run = None
-    try:
-        with Stop() as stop:
-            if d.is_main:
-                import time
+    guard = Guard(distlib.setup())
+    return guard.main(lambda: evaluate(c, guard))
 
-                name = c.name or time.strftime("evaluate-%Y%m%d-%H%M%S")
-                try:
-                    run = rundir.RunDir.create(
-                        c.runs_dir,
-                        name,
-                        job="evaluate",
-                        args=vars(c),
-                        resume=c.resume,
-                        overwrite=c.overwrite,
-                    )
-                except ValueError as exc:  # a bad --name
-                    raise JobError(str(exc)) from None
-            distlib.barrier(d)
-            summary = run_eval(c, d, run, stop)
-        if run is not None:
-            print(f"report: {run.path / REPORT_MD}")
-            for label, s in summary.items():
-                print(f"{label}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in s.items()))
-        return 0
-    except (JobError, DatasetError, FileExistsError, FileNotFoundError) as exc:
-        if d.is_main:
-            print(f"error: {str(exc).rstrip('.')}.", file=sys.stderr)
-        if run is not None and not isinstance(exc, FileExistsError):
-            run.finish(rundir.FAILED, error=str(exc))
-        return 1
-    except (Interrupted, KeyboardInterrupt):
-        if run is not None:
-            run.finish(rundir.INTERRUPTED)
-            print(f"interrupted; --resume --name {run.path.name} continues", file=sys.stderr)
-        return 128 + (stop.signum or signal.SIGINT)
-    finally:
-        distlib.cleanup(d)
+
+def evaluate(c: Config, guard: Guard) -> int:
+    d = guard.d
+    name = c.name or time.strftime("evaluate-%Y%m%d-%H%M%S")
+    opts = {"job": "evaluate", "args": vars(c), "resume": c.resume, "overwrite": c.overwrite}
+    with StopSignal() as stop:
+        # on rank 0; a run that exists already stops every rank, not only rank 0
+        run = guard.track(distlib.on_main(d, rundir.RunDir.create, c.runs_dir, name, **opts))
+        summary = run_eval(c, d, run, stop)
+    if run is not None:
+        print(f"report: {run.path / REPORT_MD}")
+        for label, s in summary.items():
+            print(f"{label}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in s.items()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ with the numbers if the machine does not have it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,8 +32,11 @@ from typing import Any
 from remote.jobs import dist as distlib
 from remote.jobs import memory, rundir
 from remote.jobs.batching import FlattenBatch, PadToLongest, response_loss, tokenize_examples
-from remote.jobs.presets import DatasetError, describe_presets, load_splits
-from remote.jobs.prompts import save_tokenizer_with_chat_format
+from remote.jobs.errors import JobError
+from remote.jobs.guard import Guard
+from remote.jobs.models import add_lora, load_hint, load_tokenizer, pick_device, save_model
+from remote.jobs.optimizers import OPTIMIZERS, optimizer_spec
+from remote.jobs.presets import describe_presets, load_splits
 
 # --- defaults (one per line; every one is a flag) --------------------------------------------
 MODEL = "gpt2"  # hub id or a local save_pretrained dir (e.g. runs/<pretrain>/model)
@@ -45,11 +48,11 @@ BATCH_SIZE = 4  # examples per micro-batch, per process
 GRAD_ACCUM = 4  # micro-batches per optimizer step: 16 examples a step, as in the course
 LR = 5e-5  # peak learning rate, full fine-tuning (linear decay to 0)
 LORA_LR = 2e-4  # peak learning rate with --lora-rank (adapters start at zero; they need more)
+DPO_LR = 5e-6  # peak learning rate for --method dpo: a far smaller step than SFT
 WARMUP_STEPS = 0  # linear warm-up, in optimizer steps
-WEIGHT_DECAY = 0.0  # AdamW decoupled weight decay
+WEIGHT_DECAY = 0.0  # decoupled weight decay, on weight matrices (not biases, not LayerNorms)
 MAX_LENGTH = 512  # tokens per example (cut beyond); never more than the model's context
-OPTIMIZER = "adamw"  # adamw | sgd | sgd-momentum | nesterov
-MOMENTUM = 0.9  # for sgd-momentum and nesterov
+OPTIMIZER = "adamw"  # adamw | sgd | sgd-momentum | nesterov (optimizers.py)
 LORA_RANK = 0  # 0 = full fine-tuning; R > 0 = LoRA adapters of rank R, merged at the end
 LORA_ALPHA = 0  # LoRA scale numerator; 0 = 2 x rank
 BETA = 0.1  # DPO: strength of the pull toward the reference model
@@ -58,14 +61,6 @@ EVAL_STEPS = 0  # optimizer steps between val-loss rows; 0 = five evaluations pe
 SAVE_STEPS = 0  # optimizer steps between checkpoints; 0 = same as evaluations
 SEED = 1337  # data order, validation hold-out, LoRA init
 REPORT_TO = "none"  # Trainer trackers: none | tensorboard | mlflow | wandb | all
-OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "nesterov")
-CHECKPOINTS = "checkpoints"  # Trainer checkpoints inside the run dir (removed on completion)
-
-EXIT_ERROR, EXIT_INTERRUPTED = 1, 128 + signal.SIGTERM
-
-
-class JobError(RuntimeError):
-    """A user-facing error: printed as one `error: ...` line, exit 1, no traceback."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a = p.add_argument
     a("--model", default=MODEL, help=f"base model: hub id or local dir (default {MODEL})")
-    a("--dataset", default=DATASET, help=f"preset, local file or hub id (default {DATASET})")
+    a("--dataset", help=f"preset, local file or hub id (default {DATASET}; dpo: shipped pairs)")
     a("--columns", help="map dataset columns to fields: instruction=COL,input=COL,output=COL")
     a("--text-column", help="train on the plain text in this column (loss on all of it)")
     a("--limit", type=int, help="use only the first N rows (the course's Task 2)")
@@ -88,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--epochs", type=float, default=EPOCHS, help="passes over the data if --max-steps 0")
     a("--batch-size", type=int, default=BATCH_SIZE, help="examples per micro-batch")
     a("--grad-accum", type=int, default=GRAD_ACCUM, help="micro-batches per optimizer step")
-    a("--lr", type=float, help=f"peak learning rate (default {LR}; {LORA_LR} with LoRA)")
+    a("--lr", type=float, help=f"peak learning rate (default {LR}; LoRA {LORA_LR}; dpo {DPO_LR})")
     a("--warmup-steps", type=int, default=WARMUP_STEPS)
     a("--weight-decay", type=float, default=WEIGHT_DECAY)
     a("--max-length", type=int, default=MAX_LENGTH, help="tokens per example")
@@ -115,8 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.lora_rank < 0 or args.max_steps < 0:
         p.error("--lora-rank and --max-steps cannot be negative")
+    dpo = args.method == "dpo"
     if args.lr is None:
-        args.lr = LORA_LR if args.lora_rank else LR
+        args.lr = DPO_LR if dpo else LORA_LR if args.lora_rank else LR
+    if args.dataset is None:
+        from remote.jobs.dpo import SHIPPED_PAIRS
+
+        args.dataset = str(SHIPPED_PAIRS) if dpo else DATASET
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     return args
 
@@ -125,114 +125,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 done, 1 a user error (one ``error:`` line), 143/130 stopped by SIGTERM/SIGINT
+    with a checkpoint to --resume from; see guard.py."""
     args = parse_args(argv)
-    log = rundir.setup_logging(args.verbose)
-    d = distlib.setup()
-    run: rundir.RunDir | None = None
-    try:
-        if args.method == "dpo":
-            run = open_run(args, d)
-            from remote.jobs.dpo import train_dpo
-
-            train_dpo(args, run, d)
-            return 0
-        return train_sft(args, d)
-    except (JobError, DatasetError, memory.MemoryEstimateError, FileExistsError) as exc:
-        msg = str(exc).rstrip(".")
-        if d.is_main:
-            print(f"error: {msg}.", file=sys.stderr)
-            log.debug("error", exc_info=True)
-        run = run or _current_run
-        if run is not None and not isinstance(exc, FileExistsError):
-            run.finish(rundir.FAILED, error=msg)
-        return EXIT_ERROR
-    except BaseException as exc:  # a bug: keep the traceback, but never leave "running" behind
-        run = run or _current_run
-        if run is not None:
-            run.finish(rundir.FAILED, error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        distlib.cleanup(d)
+    rundir.setup_logging(args.verbose)
+    guard = Guard(distlib.setup())
+    return guard.main(lambda: train(args, guard))
 
 
-_current_run: rundir.RunDir | None = None  # set once created, so main() can mark it failed
+def train(args: argparse.Namespace, guard: Guard) -> int:
+    if args.method == "dpo":
+        from remote.jobs.dpo import train_dpo
+
+        train_dpo(args, open_run(args, guard), guard.d)
+        return 0
+    return train_sft(args, guard)
 
 
-def open_run(args: argparse.Namespace, d: distlib.Dist) -> rundir.RunDir | None:
-    """Create (or reopen with --resume) the run dir on rank 0; every rank learns its name."""
-    global _current_run
-    name = _agree(d, args.name or time.strftime("finetune-%Y%m%d-%H%M%S"))
-    args.name = name
-    run, err = None, None
-    if d.is_main:
-        try:
-            run = rundir.RunDir.create(
-                args.runs_dir,
-                name,
-                job="finetune",
-                args=vars(args),
-                resume=args.resume,
-                overwrite=args.overwrite,
-            )
-        except (FileExistsError, FileNotFoundError, ValueError) as exc:
-            err = str(exc)
-    err = _agree(d, err)
-    if err:
-        raise JobError(err)
-    _current_run = run
-    return run
+def open_run(args: argparse.Namespace, guard: Guard) -> rundir.RunDir | None:
+    """Create (or reopen with --resume) the run dir on rank 0; every rank learns its name, and
+    every rank stops if rank 0 could not open it."""
+    d = guard.d
+    args.name = distlib.broadcast_object(args.name or time.strftime("finetune-%Y%m%d-%H%M%S"), d)
+    opts = {"job": "finetune", "args": vars(args), "resume": args.resume}
+    run = distlib.on_main(
+        d, rundir.RunDir.create, args.runs_dir, args.name, **opts, overwrite=args.overwrite
+    )
+    return guard.track(run)
 
 
 def run_path(args: argparse.Namespace) -> Path:
     return rundir.runs_root(args.runs_dir) / args.name
 
 
-def _agree(d: distlib.Dist, value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (names with timestamps, errors found on rank 0)."""
-    if not d.enabled:
-        return value
-    import torch.distributed as tdist
-
-    box = [value]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # --- the SFT job -------------------------------------------------------------------------------
 
 
-def device_of(args: argparse.Namespace) -> str:
-    import torch
-
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise JobError("--device cuda: no CUDA GPU is visible. Use --device cpu or auto")
-    return args.device
-
-
-def load_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise JobError(_load_hint(name, exc)) from exc
-    if tok.eos_token is None:
-        raise JobError(f"tokenizer of {name!r} has no EOS token; fine-tuning needs one to stop")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # GPT-2 has none; padding is masked out anyway
-    return tok
-
-
-def _load_hint(name: str, exc: Exception) -> str:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if Path(name).exists():
-        return f"could not load model {name!r}: {first}. It must be a save_pretrained directory"
-    return (
-        f"could not load model {name!r}: {first}. Give a local model directory "
-        "(e.g. runs/<run>/model) or a hub id this machine can download"
-    )
+def device_kind(args: argparse.Namespace) -> str:
+    """ "cpu" or "cuda": the Trainer itself puts each torchrun rank on its own GPU."""
+    return pick_device(args.device).partition(":")[0]
 
 
 def prepare_data(args: argparse.Namespace, tok: Any, context: int) -> dict[str, Any]:
@@ -295,12 +226,9 @@ def _bf16_ok() -> bool:
 
 
 def load_model(args: argparse.Namespace, tok: Any) -> Any:
-    from transformers import AutoModelForCausalLM
+    from remote.jobs.models import load_model as load
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-    except (OSError, ValueError) as exc:
-        raise JobError(_load_hint(args.model, exc)) from exc
+    model = load(args.model)
     model.config.use_cache = False  # no KV cache while training
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -308,40 +236,6 @@ def load_model(args: argparse.Namespace, tok: Any) -> Any:
     if args.lora_rank:
         model = add_lora(model, args.lora_rank, args.lora_alpha)
     return model
-
-
-def add_lora(model: Any, rank: int, alpha: int) -> Any:
-    """LoRA adapters on peft's default modules for the architecture (GPT-2: the fused q/k/v),
-    or on every linear layer for architectures peft has no default for."""
-    from peft import LoraConfig, get_peft_model
-
-    def config(targets: Any) -> Any:
-        return LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            lora_dropout=0.0,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
-
-    try:
-        return get_peft_model(model, config(None))
-    except ValueError:
-        return get_peft_model(model, config("all-linear"))
-
-
-def optimizer_spec(name: str, weight_decay: float) -> tuple[type, dict[str, Any]]:
-    """(optimizer class, its keyword arguments) for Trainer's ``optimizer_cls_and_kwargs``."""
-    import torch
-
-    if name == "adamw":
-        return torch.optim.AdamW, {"weight_decay": weight_decay, "foreach": True}
-    momentum = {"sgd": 0.0, "sgd-momentum": MOMENTUM, "nesterov": MOMENTUM}[name]
-    return torch.optim.SGD, {
-        "momentum": momentum,
-        "nesterov": name == "nesterov",
-        "weight_decay": weight_decay,
-    }
 
 
 def schedule(args: argparse.Namespace, n_train: int, world: int) -> dict[str, int]:
@@ -357,39 +251,47 @@ def schedule(args: argparse.Namespace, n_train: int, world: int) -> dict[str, in
     }
 
 
+def common_arguments(args: argparse.Namespace, out: Path, sched: dict, device: str) -> dict:
+    """The TrainingArguments that SFT and DPO (dpo.dpo_config) share: one reading of the flags."""
+    half = device == "cuda"
+    return {
+        "output_dir": str(out),
+        "per_device_train_batch_size": args.batch_size,
+        "per_device_eval_batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.grad_accum,
+        "learning_rate": args.lr,
+        "weight_decay": args.weight_decay,  # on the Trainer's groups: not biases, not LayerNorms
+        "max_steps": sched["total"],
+        "warmup_steps": args.warmup_steps,
+        "logging_steps": sched["log"],
+        "eval_steps": sched["eval"],
+        "save_strategy": "steps",
+        "save_steps": sched["save"],
+        "save_total_limit": 1,
+        "report_to": [] if args.report_to == "none" else args.report_to.split(","),
+        "seed": args.seed,
+        "use_cpu": device == "cpu",
+        "bf16": half and _bf16_ok(),
+        "fp16": half and not _bf16_ok(),
+        "disable_tqdm": False,
+    }
+
+
 def training_arguments(args: argparse.Namespace, out: Path, sched: dict, device: str) -> Any:
     from transformers import TrainingArguments
 
-    half = device == "cuda"
     return TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        max_steps=sched["total"],
-        warmup_steps=args.warmup_steps,
+        **common_arguments(args, out, sched, device),
         lr_scheduler_type="linear",
-        logging_steps=sched["log"],
         logging_first_step=True,
         eval_strategy="steps",
-        eval_steps=sched["eval"],
-        save_strategy="steps",
-        save_steps=sched["save"],
-        save_total_limit=1,
-        report_to=[] if args.report_to == "none" else args.report_to.split(","),
-        seed=args.seed,
         data_seed=args.seed,
         train_sampling_strategy="random" if args.packing else "group_by_length",
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=True,
-        use_cpu=device == "cpu",
-        bf16=half and _bf16_ok(),
-        fp16=half and not _bf16_ok(),
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        disable_tqdm=False,
     )
 
 
@@ -401,7 +303,6 @@ def make_trainer(
     targs: Any,
     *,
     optimizer: str = OPTIMIZER,
-    weight_decay: float = WEIGHT_DECAY,
     packing: bool = False,
     callbacks: list | None = None,
 ) -> Any:
@@ -422,6 +323,8 @@ def make_trainer(
                 loss = loss * self.accelerator.num_processes  # DDP averages; the count is global
             return (loss, {"loss": loss}) if return_outputs else loss
 
+    if not val and targs.eval_strategy != "no":  # nothing held out: nothing to evaluate
+        targs = dataclasses.replace(targs, eval_strategy="no")
     collator = FlattenBatch() if packing else PadToLongest(tok.pad_token_id)
     return _ResponseTrainer(
         model=model,
@@ -430,25 +333,22 @@ def make_trainer(
         eval_dataset=val or None,
         data_collator=collator,
         processing_class=tok,
-        optimizer_cls_and_kwargs=optimizer_spec(optimizer, weight_decay),
+        optimizer_cls_and_kwargs=optimizer_spec(optimizer, targs.learning_rate),
         callbacks=callbacks or [],
     )
 
 
-def train_sft(args: argparse.Namespace, d: distlib.Dist) -> int:
-    from transformers import AutoConfig
-
-    device = device_of(args)
+def train_sft(args: argparse.Namespace, guard: Guard) -> int:
+    """Everything that can be wrong with the input fails before the run dir exists."""
+    d = guard.d
+    device = device_kind(args)
     tok = load_tokenizer(args.model)
-    try:
-        config = AutoConfig.from_pretrained(args.model)
-    except (OSError, ValueError) as exc:
-        raise JobError(_load_hint(args.model, exc)) from exc
+    config = load_config(args.model)
     context = memory.shape_of(config).n_positions or args.max_length
     data = prepare_data(args, tok, context)
     est, budget = plan_memory(args, config, data, device)
-    run = open_run(args, d)
-    out = run_path(args) / CHECKPOINTS
+    run = open_run(args, guard)
+    out = run_path(args) / rundir.TRAINER_CHECKPOINTS
     if run is not None:
         run.log(
             "finetune %s on %s: %d train / %d val examples (%s), %d dropped as too long",
@@ -464,7 +364,7 @@ def train_sft(args: argparse.Namespace, d: distlib.Dist) -> int:
         )
     model = load_model(args, tok)
     sched = schedule(args, len(data["train"]), d.world_size)
-    from remote.jobs.trainer_callbacks import MetricsCallback, StopOnSignal
+    from remote.jobs.trainer_callbacks import MetricsCallback, StopOnSignal, resume_point
 
     stop = StopOnSignal(d)
     metrics = MetricsCallback(run, world=d.world_size)
@@ -475,26 +375,30 @@ def train_sft(args: argparse.Namespace, d: distlib.Dist) -> int:
         data["val"],
         training_arguments(args, out, sched, device),
         optimizer=args.optimizer,
-        weight_decay=args.weight_decay,
         packing=args.packing,
         callbacks=[metrics, stop],
     )
     metrics.trainer = trainer
-    resume_from = _resume_point(args, out, run)
+    resume_from = resume_point(out, run) if args.resume else None
     with stop.installed():
         trainer.train(resume_from_checkpoint=resume_from)
-    peak = memory.peak_bytes(device)
-    if stop.signum is not None:
-        if run is not None:
-            run.plot_loss()
-            run.finish(rundir.INTERRUPTED, peak_memory_mb=round(peak / 2**20, 1))
-            run.log("interrupted by signal %d at step %d", stop.signum, trainer.state.global_step)
-        return 128 + stop.signum
+    peak_mb = round(memory.peak_bytes(device) / 2**20, 1)
+    stop.raise_if_stopped(step=trainer.state.global_step, peak_memory_mb=peak_mb)
     final = final_eval(trainer) if data["val"] else {}
     if run is not None:
-        finish_run(run, trainer, tok, final, peak, out)
+        finish_run(run, trainer, tok, final, peak_mb)
     distlib.barrier(d)
     return 0
+
+
+def load_config(source: str) -> Any:
+    """The model's config alone: enough to plan memory before any weight is loaded."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise JobError(load_hint(source, exc)) from exc
 
 
 def final_eval(trainer: Any) -> dict[str, float]:
@@ -506,35 +410,7 @@ def final_eval(trainer: Any) -> dict[str, float]:
     return trainer.evaluate()
 
 
-def last_complete_checkpoint(out: Path) -> str | None:
-    """The newest ``checkpoint-N`` with its trainer_state.json, which the Trainer writes last:
-    a kill in the middle of saving leaves the one before it to resume from."""
-    done = [
-        (int(p.name.rsplit("-", 1)[1]), p)
-        for p in out.glob("checkpoint-*")
-        if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    return str(max(done)[1]) if done else None
-
-
-def _resume_point(args: argparse.Namespace, out: Path, run: rundir.RunDir | None) -> str | None:
-    if not args.resume:
-        return None
-    last = last_complete_checkpoint(out)
-    if last is None:
-        if run is not None:
-            run.log("--resume: no checkpoint in %s yet; starting from step 0", out)
-        return None
-    step = int(Path(last).name.rsplit("-", 1)[-1])
-    if run is not None:
-        run.truncate_metrics_after(step)
-        run.log("resuming from %s (step %d)", last, step)
-    return last
-
-
-def finish_run(
-    run: rundir.RunDir, trainer: Any, tok: Any, final: dict, peak: int, ckpts: Path
-) -> None:
+def finish_run(run: rundir.RunDir, trainer: Any, tok: Any, final: dict, peak_mb: float) -> None:
     """Save the model where servers look for it, then close the run (manifest last)."""
     state = trainer.state
     save_model(trainer.model, tok, run.model_dir)
@@ -546,23 +422,12 @@ def finish_run(
         max_steps=state.max_steps,
         loss=losses[-1] if losses else None,
         val_loss=final.get("eval_loss"),
-        peak_memory_mb=round(peak / 2**20, 1),
+        peak_memory_mb=peak_mb,
         tokens_trained=trainer.tokens_seen,
     )
-    shutil.rmtree(ckpts, ignore_errors=True)  # for resuming only; the model is in model/
+    shutil.rmtree(run.trainer_checkpoints, ignore_errors=True)  # for --resume only
     run.write_manifest()
     run.log("model saved to %s", run.model_dir)
-
-
-def save_model(model: Any, tok: Any, model_dir: Path) -> None:
-    """A plain save_pretrained directory any server loads: LoRA merged, chat template set."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.config.use_cache = True
-    shutil.rmtree(model_dir, ignore_errors=True)  # --overwrite: no stale file from before
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    save_tokenizer_with_chat_format(tok, model_dir)
 
 
 if __name__ == "__main__":

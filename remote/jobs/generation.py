@@ -17,10 +17,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from remote.jobs.batching import PadToLongest, response_loss, tokenize_examples
 from remote.jobs.errors import JobError
+from remote.jobs.models import load_hint, load_model, load_tokenizer
 
 EOS, STOP, LENGTH = "eos_token", "stop_sequence", "length"  # TGI's finish_reason values
-IGNORE = -100  # label of positions that carry no loss (the prompt)
 
 
 @dataclass(frozen=True)
@@ -63,38 +64,10 @@ class Answer:
         return {"answer": self.text, **row, **self.extra}
 
 
-def pick_device(device: str, local_rank: int = 0) -> str:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise JobError("--device cuda: no CUDA GPU is visible. Use --device cpu or auto")
-    if device == "cpu" or not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{local_rank}"
-
-
 def load_lm(source: str, device: str = "cpu"):
     """(model in eval mode on ``device``, tokenizer with a pad token) from a dir or hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
-    except OSError as exc:
-        raise JobError(load_hint(source, exc)) from exc
-    if tok.eos_token is None:
-        raise JobError(f"tokenizer of {source!r} has no EOS token, so no answer could end")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok, model = load_tokenizer(source), load_model(source)
     return model.to(device).eval(), tok
-
-
-def load_hint(source: str, exc: Exception) -> str:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return (
-        f"could not load model {source!r}: {first}. Give a save_pretrained directory "
-        "(e.g. runs/<run>/model) or a hub id this machine can download"
-    )
 
 
 def context_size(model: Any) -> int:
@@ -151,56 +124,28 @@ def answer(model: Any, tok: Any, prompt: str, s: Settings, seed: int) -> Answer:
 # --- eval loss / perplexity ---------------------------------------------------------------------
 
 
-def encode_example(tok: Any, prompt: str, completion: str, window: int) -> tuple[list, list]:
-    """(input ids, labels) with the prompt masked out, as fine-tuning trains; cut to the
-    model's window. Plain text (empty prompt) has no prediction for its first token."""
-    p = tok(prompt)["input_ids"] if prompt else []
-    c = tok(completion)["input_ids"]
-    ids = (p + c)[:window]
-    labels = ([IGNORE] * len(p) + c)[:window]
-    return ids, labels
-
-
 def token_loss(
     model: Any, tok: Any, examples: Iterable[tuple[str, str]], batch_size: int = 8
 ) -> tuple[float, int]:
     """(summed negative log-likelihood, number of scored tokens) over ``examples``.
 
-    Sums, not means, so ranks and batches combine exactly: perplexity is
-    ``exp(total nll / total tokens)``, every scored token weighing the same.
+    The (prompt, completion) pairs are tokenized and batched as fine-tuning does (batching.py),
+    so the loss is on the completion and its EOS only, and padding changes nothing. Sums, not
+    means, so ranks and batches combine exactly: perplexity is ``exp(total nll / total
+    tokens)``, every scored token weighing the same.
     """
     import torch
-    import torch.nn.functional as F
 
-    window = context_size(model)
-    encoded = sorted(
-        (encode_example(tok, p, c, window) for p, c in examples), key=lambda e: len(e[0])
-    )
+    feats, _ = tokenize_examples(tok, list(examples), context_size(model))
+    feats.sort(key=lambda f: len(f["input_ids"]))  # similar lengths together: little padding
+    pad = PadToLongest(tok.pad_token_id)
     nll, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), tok.pad_token_id)
-        labels = torch.full((len(chunk), width), IGNORE)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (x, y) in enumerate(chunk):
-            ids[row, : len(x)] = torch.tensor(x)
-            labels[row, : len(y)] = torch.tensor(y)
-            mask[row, : len(x)] = 1
+    for i in range(0, len(feats), batch_size):
+        batch = {k: v.to(model.device) for k, v in pad(feats[i : i + batch_size]).items()}
         with torch.no_grad():
-            logits = model(
-                input_ids=ids.to(model.device), attention_mask=mask.to(model.device)
-            ).logits.float()
-        target = labels[:, 1:].to(model.device)
-        nll += float(
-            F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                target.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
-        )
-        count += int((target != IGNORE).sum())
+            losses = response_loss(model, batch, reduction="none")
+        nll += float(losses.sum())
+        count += losses.numel()
     return nll, count
 
 
@@ -218,7 +163,7 @@ class RewardModel:
             self.tok = AutoTokenizer.from_pretrained(source)
             self.model = AutoModelForSequenceClassification.from_pretrained(source)
         except OSError as exc:
-            raise JobError(load_hint(source, exc).replace("model", "reward model", 1)) from exc
+            raise JobError(load_hint(source, exc, what="reward model")) from exc
         self.model.to(device).eval()
         if self.tok.pad_token is None and self.tok.eos_token is not None:
             self.tok.pad_token = self.tok.eos_token

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from remote.jobs.errors import JobError
+
 GIB = 1024**3
 ACT_VALUES_PER_TOKEN_LAYER = 20  # x n_embd values kept per token per layer for backward
 LOGIT_COPIES = 3  # logits, their fp32 softmax, their gradient
@@ -41,7 +43,7 @@ INSTANCES = (
 )
 
 
-class MemoryEstimateError(RuntimeError):
+class MemoryEstimateError(JobError):
     """The run would not fit; the message has the numbers and what to change."""
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remote.jobs.errors import JobError
 from remote.jobs.prompts import PROMPT_FORMAT, format_example, format_prompt
 
 INSTRUCTION, TEXT, DIALOGUE, PREFERENCE = "instruction", "text", "dialogue", "preference"
@@ -47,7 +48,7 @@ DEFAULT_VAL_SIZE = 100  # rows held out when the dataset has no validation split
 DEFAULT_VAL_FRACTION = 0.05  # ...or this share of the training rows, if that is fewer
 
 
-class DatasetError(ValueError):
+class DatasetError(JobError, ValueError):
     """A dataset cannot be found, read or mapped; the message says how to fix it."""
 
 

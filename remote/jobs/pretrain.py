@@ -23,7 +23,6 @@ import math
 import random
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,7 +33,10 @@ import numpy as np
 
 from remote.jobs import corpus, dist, flags, rundir
 from remote.jobs.batches import TRAIN_STREAM, VAL_STREAM, Prefetcher, Windows, train_keys
-from remote.jobs.errors import JobError
+from remote.jobs.errors import Interrupted, JobError
+from remote.jobs.guard import Guard
+from remote.jobs.models import pick_device
+from remote.jobs.signals import StopSignal
 
 # --- defaults: one per line; every field is also a --flag ---------------------------------------
 opt = flags.opt
@@ -207,24 +209,6 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def on_main(d: dist.Dist, fn, *args) -> Any:
-    """Run ``fn`` on rank 0 only; a JobError there is raised on every rank, so none hangs."""
-    result, error, bug = None, None, None
-    if d.is_main:
-        try:
-            result = fn(*args)
-        except JobError as exc:
-            error = str(exc)
-        except BaseException as exc:
-            error, bug = f"rank 0 failed: {exc!r}", exc
-    error = dist.broadcast_object(error, d)
-    if bug is not None:
-        raise bug
-    if error:
-        raise JobError(error)
-    return result
-
-
 # --- data, tokenizer and model -------------------------------------------------------------------
 
 
@@ -307,11 +291,7 @@ def check_fits(cache: corpus.TokenCache, c: Config, world: int) -> None:
 def resolve_device(c: Config, d: dist.Dist):
     import torch
 
-    if c.device == "cuda" and not torch.cuda.is_available():
-        raise JobError("--device cuda, but no GPU is visible. Use --device cpu (or auto)")
-    if c.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", d.local_rank)
+    return torch.device(pick_device(c.device, d.local_rank))
 
 
 def autocast(c: Config, device):
@@ -322,31 +302,6 @@ def autocast(c: Config, device):
         c.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-class StopSignal:
-    """SIGTERM/SIGINT only set a flag: the loop finishes its step, checkpoints, and exits."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signum:  # asked twice: stop now, checkpoint or not
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("got %s: checkpointing at the end of this step", signal.Signals(signum).name)
-
-    def restore(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        self._old.clear()
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -410,7 +365,7 @@ class Pretraining:
                         self.evaluate(ctx, save=True)
                         saved = True
                     if stop:
-                        return self.interrupted(saved)
+                        self.interrupted(saved)
         finally:
             prefetch.close()
             bar.close()
@@ -565,17 +520,13 @@ class Pretraining:
             raise RuntimeError(f"DDP replicas diverged at step {self.step}: {sums}")
         log.info("step %d: %d replicas in sync", self.step, len(sums))
 
-    def interrupted(self, saved: bool) -> int:
+    def interrupted(self, saved: bool) -> None:
+        """Every rank saw the stop flag at this step: checkpoint, then end as interrupted."""
         if not saved:
             self.save_checkpoint()
-        code = 128 + (self.stop.signum or signal.SIGTERM)
-        if self.run is not None:
-            self.run.plot_loss()
-            self.run.finish(rundir.INTERRUPTED, step=self.step, best_val_loss=self.best_val)
-            log.info(
-                "interrupted at step %d; go on with --resume --name %s", self.step, self.c.name
-            )
-        return code
+        # A signal that reached only another rank stops this one too (as SIGTERM: torchrun's own).
+        signum = self.stop.signum or signal.SIGTERM
+        raise Interrupted(signum, step=self.step, best_val_loss=self.best_val)
 
     def complete(self) -> None:
         if self.run is None:
@@ -620,8 +571,9 @@ def _hms(seconds: float) -> str:
 # --- setting a run up ----------------------------------------------------------------------------
 
 
-def prepare(c: Config, given: set[str], d: dist.Dist, stop: StopSignal) -> Pretraining:
+def prepare(c: Config, given: set[str], guard: Guard, stop: StopSignal) -> Pretraining:
     """Everything before the first step. Input errors surface before the run dir is touched."""
+    d = guard.d
     c = dataclasses.replace(c, name=dist.broadcast_object(c.name or _default_name(), d))
     root = rundir.runs_root(c.runs_dir)
     ckpt = None
@@ -632,7 +584,7 @@ def prepare(c: Config, given: set[str], d: dist.Dist, stop: StopSignal) -> Pretr
         c = resume_config(c, given, ckpt["config"])
     docs = read_corpus(c)  # on every rank, so a bad path fails everywhere, not just on rank 0
     saved_tok = root / c.name / TOKENIZER_DIR if ckpt else None
-    tok, cache = on_main(d, _tokenize, c, docs, saved_tok, root) or (None, None)
+    tok, cache = dist.on_main(d, _tokenize, c, docs, saved_tok, root) or (None, None)
     cache = dist.broadcast_object(cache, d)
     if ckpt and cache.text_digest != ckpt["data"]["text_digest"]:
         raise JobError(
@@ -641,14 +593,8 @@ def prepare(c: Config, given: set[str], d: dist.Dist, stop: StopSignal) -> Pretr
         )
     check_fits(cache, c, d.world_size)
     device = resolve_device(c, d)
-    run = on_main(d, _open_run, c, tok, cache, d.world_size)
-    try:
-        job = _build(c, d, device, run, tok, cache, ckpt, stop)
-    except BaseException as exc:  # the run dir exists now: say how it ended
-        if run is not None:
-            run.finish(rundir.FAILED, error=str(exc) if isinstance(exc, JobError) else repr(exc))
-            run.close()
-        raise
+    run = guard.track(dist.on_main(d, _open_run, c, tok, cache, d.world_size))
+    job = _build(c, d, device, run, tok, cache, ckpt, stop)
     _describe(job)
     return job
 
@@ -705,12 +651,9 @@ def _tokenize(c: Config, docs, saved_tok: Path | None, root: Path):
 
 def _open_run(c: Config, tok, cache: corpus.TokenCache, world_size: int) -> rundir.RunDir:
     args = {k: _plain(v) for k, v in dataclasses.asdict(c).items()}
-    try:
-        run = rundir.RunDir.create(
-            c.runs_dir, c.name, job="pretrain", args=args, resume=c.resume, overwrite=c.overwrite
-        )
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        raise JobError(str(exc).rstrip(".")) from None
+    run = rundir.RunDir.create(
+        c.runs_dir, c.name, job="pretrain", args=args, resume=c.resume, overwrite=c.overwrite
+    )
     if not c.resume:
         tok.save_pretrained(run.path / TOKENIZER_DIR)
     for stale in run.path.glob(f".{rundir.CHECKPOINT}.*.tmp"):  # a write cut short by SIGKILL
@@ -755,37 +698,21 @@ def _describe(job: Pretraining) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 done, 1 a user error (one ``error:`` line), 143/130 stopped by SIGTERM/SIGINT
+    with ckpt.pt to --resume from; see guard.py."""
     c, given = flags.parse(
         Config, argv, prog="python -m remote.jobs.pretrain", description=__doc__, check=check_config
     )
     rundir.setup_logging()
-    d = dist.setup()
-    if not d.is_main:  # one voice in the console: rank 0's
+    guard = Guard(dist.setup())
+    if not guard.d.is_main:  # one voice in the console: rank 0's
         logging.getLogger("tinycloud").setLevel(logging.WARNING)
-    stop = StopSignal().install()
-    job = None
-    try:
-        job = prepare(c, given, d, stop)
-        return job.loop()
-    except JobError as exc:
-        if d.is_main:
-            print(f"error: {exc}", file=sys.stderr)
-        if job is not None and job.run is not None:
-            job.run.finish(rundir.FAILED, error=str(exc))
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C while checkpointing: leave at once
-        if job is not None and job.run is not None:
-            job.run.finish(rundir.INTERRUPTED, error="stopped twice; last checkpoint kept")
-        return 130
-    except BaseException as exc:
-        if job is not None and job.run is not None:
-            job.run.finish(rundir.FAILED, error=repr(exc))
-        raise
-    finally:
-        stop.restore()
-        if job is not None and job.run is not None:
-            job.run.close()
-        dist.cleanup(d)
+
+    def body() -> int:
+        with StopSignal() as stop:
+            return prepare(c, given, guard, stop).loop()
+
+    return guard.main(body)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Every job writes ``<runs root>/<run name>/`` with:
                      stdout/stderr, progress bars included, to ``console.log``)
 - ``metrics.jsonl``  one JSON object per logged step: train rows carry ``loss``, eval rows
                      carry ``val_loss``; both carry ``step``
-- ``ckpt.pt``        the last complete checkpoint (written to a temp file, fsynced, renamed)
+- ``ckpt.pt``        the last complete checkpoint (written to a temp file, fsynced, renamed);
+                     Trainer-based jobs keep ``checkpoints/checkpoint-N/`` instead, removed
+                     once the run completes
 - ``loss.png``       train and val curves
 - ``model/``         a Hugging Face ``save_pretrained`` directory that TGI and the native
                      server both load
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import sys
 import tempfile
@@ -33,6 +36,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from remote.jobs.errors import JobError
+
 RUNS_ENV = "TINYCLOUD_RUNS"  # overrides the runs root; `fab` sets it on the VM
 DEFAULT_RUNS_ROOT = "runs"  # relative to the working directory
 RUN_JSON = "run.json"
@@ -40,6 +45,7 @@ TRAIN_LOG = "train.log"
 CONSOLE_LOG = "console.log"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "ckpt.pt"
+TRAINER_CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N dirs (finetune, dpo), for --resume
 LOSS_PLOT = "loss.png"
 MODEL_DIR = "model"
 MANIFEST = "manifest.sha256"
@@ -52,8 +58,16 @@ RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "int
 MANIFEST_EXCLUDES = frozenset({MANIFEST, TRAIN_LOG, CONSOLE_LOG, CHECKPOINT, RUN_JSON})
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(JobError, FileExistsError):
     """A run directory already holds a run and neither resume nor overwrite was asked."""
+
+
+class NoSuchRunError(JobError, FileNotFoundError):
+    """--resume named a run that does not exist."""
+
+
+class BadRunNameError(JobError, ValueError):
+    """A run name that is not one path component."""
 
 
 def runs_root(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -150,11 +164,11 @@ class RunDir:
         """Open ``root/name`` for a new run, or for resuming one.
 
         Refuses to touch an existing run unless ``resume`` (continue it) or ``overwrite``
-        (start over, deleting its checkpoint and metrics) is given: a typo in ``--name`` must
-        never cost somebody a finished model.
+        (start over) is given: a typo in ``--name`` must never cost somebody a finished model.
+        All three refusals are ``JobError``s whose message says which flag to use.
         """
         if not name or "/" in name or name in {".", ".."}:
-            raise ValueError(f"bad run name {name!r}: use letters, digits, '-', '_' or '.'")
+            raise BadRunNameError(f"bad run name {name!r}: use letters, digits, '-', '_' or '.'")
         path = runs_root(root) / name
         run = cls(path)
         exists = (path / RUN_JSON).exists()
@@ -164,12 +178,11 @@ class RunDir:
                 f"--overwrite to start it again from scratch, or choose another --name."
             )
         if resume and not exists:
-            raise FileNotFoundError(
+            raise NoSuchRunError(
                 f"--resume: no run {name!r} at {path} to continue; drop --resume to start it."
             )
         if overwrite and exists and not resume:
-            for f in (CHECKPOINT, METRICS, LOSS_PLOT, MANIFEST, TRAIN_LOG):
-                (path / f).unlink(missing_ok=True)
+            clear_run(path)
         path.mkdir(parents=True, exist_ok=True)
         previous = run.read_meta() if resume else {}
         meta = {
@@ -257,6 +270,10 @@ class RunDir:
     def checkpoint(self) -> Path:
         return self.path / CHECKPOINT
 
+    @property
+    def trainer_checkpoints(self) -> Path:
+        return self.path / TRAINER_CHECKPOINTS
+
     def plot_loss(self, title: str | None = None) -> Path | None:
         """Draw train and val loss from metrics.jsonl into loss.png (None if no rows yet)."""
         return plot_loss(self.path / METRICS, self.path / LOSS_PLOT, title or self.path.name)
@@ -271,6 +288,24 @@ class RunDir:
         out = self.path / MANIFEST
         atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
         return out
+
+
+# What --overwrite keeps: run.json is about to be rewritten, and console.log is the file the
+# detached launcher already has open for this very run's output.
+OVERWRITE_KEEPS = frozenset({RUN_JSON, CONSOLE_LOG})
+
+
+def clear_run(path: Path) -> None:
+    """Empty a run directory for --overwrite: the model, checkpoints (ckpt.pt and Trainer
+    ``checkpoints/``), metrics, plots, reports, tokenizer, everything a job wrote, so the new
+    run can never be mixed with files of the old one."""
+    for entry in path.iterdir():
+        if entry.name in OVERWRITE_KEEPS:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -321,15 +356,25 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
     return out
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time, not the one it was made with: a job's
+    ``main`` may run again in the same process after stderr was replaced (tests capture it)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> logging.Logger:
     """Console logging for a job's ``main``; RunDir.create adds the train.log file handler."""
     logger = logging.getLogger("tinycloud")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not any(
-        isinstance(h, logging.StreamHandler) and not hasattr(h, "baseFilename")
-        for h in logger.handlers
-    ):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.propagate = False

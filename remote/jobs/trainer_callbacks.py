@@ -1,78 +1,92 @@
-"""Trainer callbacks that tie a Hugging Face Trainer to the run directory.
+"""What ties a Hugging Face Trainer (finetune's SFT, dpo's DPOTrainer) to the run directory.
 
 - ``MetricsCallback``: every log step becomes a metrics.jsonl row (train rows ``loss``, eval rows
-  ``val_loss``) and a progress update in run.json (step, max_steps, loss, tokens_per_s, eta_s),
-  which is all ``fab status`` reads.
-- ``StopOnSignal``: SIGTERM/SIGINT finish the current optimizer step, save a checkpoint and stop,
-  so ``--resume`` picks up from there.
+  ``val_loss``, plus whatever else ``keys`` maps) and a progress update in run.json (step,
+  max_steps, loss, tokens_per_s, eta_s), which is all ``fab status`` reads.
+- ``StopOnSignal``: SIGTERM/SIGINT finish the current optimizer step, save a checkpoint and stop
+  the Trainer; the job then raises ``Interrupted`` and ``--resume`` picks up from there.
+- ``resume_point``: the newest complete Trainer checkpoint, with metrics.jsonl cut back to it.
 
 Only rank 0 holds a RunDir; the others pass ``None`` and write nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from remote.jobs import dist as distlib
+from remote.jobs.errors import Interrupted
 from remote.jobs.rundir import RunDir
+from remote.jobs.signals import StopSignal
+
+# Trainer log keys -> our metrics.jsonl keys; eval rows get ``eval_<key>`` -> ``val_<ours>``.
+TRAIN_KEYS: Mapping[str, str] = {"loss": "loss", "learning_rate": "lr"}
 
 
 class MetricsCallback(TrainerCallback):
-    """Write each Trainer log into metrics.jsonl and run.json; ``trainer`` is set after the
-    Trainer exists, so the callback can read its count of real tokens."""
+    """Write each Trainer log into metrics.jsonl, run.json and train.log; ``trainer`` is set
+    after the Trainer exists, so the callback can read its count of real tokens (if it keeps
+    one, as finetune's does)."""
 
-    def __init__(self, run: RunDir | None, world: int = 1):
+    def __init__(self, run: RunDir | None, world: int = 1, keys: Mapping[str, str] = TRAIN_KEYS):
         self.run = run
         self.world = world
+        self.keys = keys
         self.trainer: Any = None
-        self._mark: tuple[float, int, int] | None = None  # (time, tokens, step) at last log
+        self._mark: tuple[float, int] | None = None  # (time, tokens) at the last log
         self._start: tuple[float, int] | None = None  # (time, step) when this session began
 
-    def _tokens(self) -> int:
-        return int(getattr(self.trainer, "tokens_seen", 0)) * self.world
+    def _tokens(self) -> int | None:
+        seen = getattr(self.trainer, "tokens_seen", None)
+        return None if seen is None else int(seen) * self.world
 
     def on_train_begin(self, args, state, control, **kwargs):
         now = time.perf_counter()
         self._start = (now, state.global_step)
-        self._mark = (now, self._tokens(), state.global_step)
+        self._mark = (now, self._tokens() or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.run is None or not logs:
             return
-        step = state.global_step
         if "loss" in logs:
-            now, tokens = time.perf_counter(), self._tokens()
-            t0, tok0, _ = self._mark or (now, tokens, step)
-            rate = (tokens - tok0) / (now - t0) if now > t0 else 0.0
-            self._mark = (now, tokens, step)
-            start_t, start_step = self._start or (now, step)
-            done = step - start_step
-            eta = (state.max_steps - step) * (now - start_t) / done if done > 0 else None
-            row = {
-                "step": step,
-                "loss": round(float(logs["loss"]), 5),
-                "lr": logs.get("learning_rate"),
-                "tokens_per_s": round(rate, 1),
-            }
-            self.run.append_metrics(row)
-            self.run.update(
-                step=step,
-                max_steps=state.max_steps,
-                loss=row["loss"],
-                tokens_per_s=row["tokens_per_s"],
-                eta_s=None if eta is None else round(eta, 1),
-            )
+            self._train_row(state, logs)
         if "eval_loss" in logs:
-            val = round(float(logs["eval_loss"]), 5)
-            self.run.append_metrics({"step": step, "val_loss": val})
-            best = self.run.read_meta().get("best_val_loss")
-            self.run.update(val_loss=val, best_val_loss=val if best is None else min(best, val))
+            self._eval_row(state.global_step, logs)
+
+    def _train_row(self, state, logs: dict[str, float]) -> None:
+        now, step = time.perf_counter(), state.global_step
+        row: dict[str, Any] = {"step": step}
+        row.update({ours: logs[k] for k, ours in self.keys.items() if k in logs})
+        row["loss"] = round(float(logs["loss"]), 5)
+        tokens = self._tokens()
+        if tokens is not None:
+            t0, tok0 = self._mark or (now, tokens)
+            row["tokens_per_s"] = round((tokens - tok0) / (now - t0), 1) if now > t0 else 0.0
+            self._mark = (now, tokens)
+        start_t, start_step = self._start or (now, step)
+        done = step - start_step
+        eta = (state.max_steps - step) * (now - start_t) / done if done > 0 else None
+        self.run.append_metrics(row)
+        progress = {k: v for k, v in row.items() if k != "lr"}
+        self.run.update(max_steps=state.max_steps, eta_s=eta and round(eta, 1), **progress)
+        extra = "".join(f" {k} {v:.4g}" for k, v in row.items() if k not in ("step", "loss"))
+        self.run.log("step %d/%d loss %.4f%s", step, state.max_steps, row["loss"], extra)
+
+    def _eval_row(self, step: int, logs: dict[str, float]) -> None:
+        row: dict[str, Any] = {"step": step}
+        for key, ours in self.keys.items():
+            if f"eval_{key}" in logs:
+                row[f"val_{ours}"] = logs[f"eval_{key}"]
+        row["val_loss"] = val = round(float(logs["eval_loss"]), 5)
+        self.run.append_metrics(row)
+        best = self.run.read_meta().get("best_val_loss")
+        self.run.update(val_loss=val, best_val_loss=val if best is None else min(best, val))
+        self.run.log("step %d: val loss %.4f", step, val)
 
 
 class StopOnSignal(TrainerCallback):
@@ -84,33 +98,60 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self, d: distlib.Dist | None = None):
         self.d = d or distlib.Dist()
-        self.signum: int | None = None
+        self.signal = StopSignal()
 
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
+    @property
+    def signum(self) -> int:
+        return self.signal.signum
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopOnSignal]:
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def installed(self) -> StopSignal:
+        """``with stop.installed(): trainer.train()`` catches the signals while it trains."""
+        return self.signal
+
+    def raise_if_stopped(self, **fields: Any) -> None:
+        """After ``train()``: if a signal stopped it, end the job as interrupted."""
+        if self.signum:
+            raise Interrupted(self.signum, **fields)
 
     def _any_rank_stopping(self) -> bool:
         if not self.d.enabled:
-            return self.signum is not None
+            return bool(self.signum)
         import torch
         import torch.distributed as tdist
 
-        flag = torch.tensor([self.signum or 0])
+        flag = torch.tensor([self.signum])
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        if flag.item() and self.signum is None:
-            self.signum = int(flag.item())
+        if flag.item() and not self.signum:
+            self.signal.signum = int(flag.item())
         return bool(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._any_rank_stopping():
             control.should_save = True
             control.should_training_stop = True
+
+
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest ``checkpoint-N`` with its trainer_state.json, which the Trainer writes last:
+    a kill in the middle of saving leaves the one before it to resume from."""
+    done = [
+        (int(p.name.rsplit("-", 1)[1]), p)
+        for p in out.glob("checkpoint-*")
+        if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return str(max(done)[1]) if done else None
+
+
+def resume_point(out: Path, run: RunDir | None) -> str | None:
+    """For ``--resume``: the checkpoint to continue from (None: start at step 0), with the
+    metrics rows logged after it dropped, since they will be logged again."""
+    last = last_complete_checkpoint(out)
+    if last is None:
+        if run is not None:
+            run.log("--resume: no checkpoint in %s yet; starting from step 0", out)
+        return None
+    step = int(Path(last).name.rsplit("-", 1)[-1])
+    if run is not None:
+        run.truncate_metrics_after(step)
+        run.log("resuming from %s (step %d)", last, step)
+    return last

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from remote.jobs import dpo
+from remote.jobs import dpo, finetune
 from remote.jobs.dist import Dist
 from remote.jobs.presets import DatasetError
 from remote.jobs.prompts import format_prompt
@@ -28,27 +28,14 @@ HH_REJECTED = (
 )
 
 
-def namespace(model: Path, runs: Path, data: Path, **over) -> argparse.Namespace:
-    base = dict(
-        model=str(model),
-        dataset=str(data),
-        limit=None,
-        max_steps=8,
-        lr=3e-3,
-        batch_size=4,
-        grad_accum=1,
-        seed=0,
-        lora_rank=0,
-        max_length=128,
-        optimizer="adamw",
-        beta=0.1,
-        report_to="none",
-        device="cpu",
-        name="dpo-test",
-        runs_dir=str(runs),
-        resume=False,
-    )
-    return argparse.Namespace(**{**base, **over})
+def namespace(model: Path, runs: Path, data: Path, *extra: str) -> argparse.Namespace:
+    """The Namespace ``finetune --method dpo`` hands to ``train_dpo``."""
+    return finetune.parse_args(
+        ["--method", "dpo", "--model", str(model), "--dataset", str(data), "--max-steps", "8",
+         "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "1", "--seed", "0",
+         "--max-length", "128", "--device", "cpu", "--name", "dpo-test", "--runs-dir", str(runs),
+         "--logging-steps", "1", "--save-steps", "1000", *extra]
+    )  # fmt: skip
 
 
 def test_hh_dialogues_become_shared_prompt_and_final_turns():
@@ -134,6 +121,47 @@ def test_dpo_raises_chosen_over_rejected_margin(tiny_model_dir, tmp_path):
     assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"]
     assert (run.model_dir / "prompt_format.json").is_file()
     assert (run.path / "loss.png").is_file()
-    assert not (run.path / dpo.TRAINER_DIR).exists()
+    assert not run.trainer_checkpoints.exists()
     listed = (run.path / "manifest.sha256").read_text()
     assert "model/model.safetensors" in listed and "metrics.jsonl" in listed
+
+
+def test_sigterm_via_finetune_main_is_interrupted_and_resumes(tiny_model_dir, tmp_path, capsys):
+    """finetune --method dpo: a SIGTERM saves a checkpoint and exits 143 with status
+    interrupted (no traceback); --resume finishes the run from there."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from remote.jobs.rundir import INTERRUPTED, read_metrics
+
+    argv = ["--method", "dpo", "--model", str(tiny_model_dir), "--runs-dir", str(tmp_path),
+            "--name", "d", "--batch-size", "4", "--grad-accum", "1", "--max-length", "128",
+            "--lr", "1e-3", "--logging-steps", "1", "--device", "cpu"]  # fmt: skip
+    run, done = tmp_path / "d", threading.Event()
+
+    def term_at_step_2() -> None:
+        deadline = time.time() + 120
+        while not done.is_set() and time.time() < deadline:
+            if any(r.get("step", 0) >= 2 for r in read_metrics(run / "metrics.jsonl")):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=term_at_step_2, daemon=True).start()
+    try:
+        code = finetune.main([*argv, "--max-steps", "1000"])
+    finally:
+        done.set()
+    err = capsys.readouterr().err
+    assert code == 143 and "Traceback" not in err and "--resume --name d" in err
+    meta = json.loads((run / "run.json").read_text())
+    stopped = meta["step"]
+    assert meta["status"] == INTERRUPTED and stopped >= 2
+    assert (run / "checkpoints" / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
+    assert finetune.main([*argv, "--max-steps", str(stopped + 2), "--resume"]) == 0
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == COMPLETED and meta["step"] == stopped + 2
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == stopped + 2  # nothing logged twice

@@ -281,3 +281,34 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--model", "m", "--do-sample", "--greedy"])
     assert exc.value.code == 2
+
+
+def test_sigint_keeps_the_answers_and_resume_finishes(talker_and_stopper, tmp_path, monkeypatch):
+    """A SIGINT mid-run: exit 130, status interrupted, the answers so far kept; --resume
+    answers only the rest."""
+    import os
+    import signal
+
+    from remote.jobs import generation
+
+    real, calls = generation.answer, []
+
+    def answer_then_sigint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the job's handler is in place: this only sets its flag
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "answer", answer_then_sigint)
+    argv = ["--model", str(talker_and_stopper[0]), "--max-steps", "4", "--max-new-tokens", "3",
+            "--runs-dir", str(tmp_path), "--name", "int", "--device", "cpu"]  # fmt: skip
+    assert evaluate.main(argv) == 130
+    run = tmp_path / "int"
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "interrupted" and meta["step"] == 2
+    assert len((run / "report.jsonl").read_text().splitlines()) == 2
+    assert evaluate.main([*argv, "--resume"]) == 0
+    assert len(calls) == 2 + 2  # the resumed run answered only the two prompts left
+    rows = [json.loads(x) for x in (run / "report.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert json.loads((run / "run.json").read_text())["status"] == COMPLETED

@@ -11,9 +11,13 @@ import time
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from remote.jobs import finetune, rundir
+from remote.jobs.dist import Dist
+from remote.jobs.models import add_lora, save_model
 from remote.jobs.prompts import PROMPT_FORMAT_FILE, format_prompt
+from remote.jobs.trainer_callbacks import last_complete_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,7 +59,7 @@ def test_loss_falls_and_run_dir_is_complete(sft_run):
     assert all(r["tokens_per_s"] > 0 for r in train[1:])
     for f in ("loss.png", "manifest.sha256", "model/model.safetensors"):
         assert (path / f).is_file(), f
-    assert not (path / finetune.CHECKPOINTS).exists()
+    assert not (path / rundir.TRAINER_CHECKPOINTS).exists()
 
 
 def test_model_dir_serves_with_its_chat_template(sft_run):
@@ -78,6 +82,7 @@ def test_existing_run_is_never_overwritten(sft_run, capsys):
     assert finetune.main(args) == 1
     assert "already exists" in capsys.readouterr().err
     assert (path / "model" / "model.safetensors").read_bytes() == before
+    assert json.loads((path / "run.json").read_text())["status"] == rundir.COMPLETED
 
 
 def test_user_errors_stop_before_any_run_dir(tiny_model_dir, tmp_path, capsys):
@@ -102,7 +107,7 @@ def test_lora_merges_into_a_plain_gpt2(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = finetune.add_lora(GPT2LMHeadModel.from_pretrained(tiny_model_dir), 4, 8)
+    model = add_lora(GPT2LMHeadModel.from_pretrained(tiny_model_dir), 4, 8)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: give the adapters something to merge
@@ -112,7 +117,7 @@ def test_lora_merges_into_a_plain_gpt2(tiny_model_dir, tmp_path):
         want = model(input_ids=ids).logits
         base = GPT2LMHeadModel.from_pretrained(tiny_model_dir)(input_ids=ids).logits
     assert not torch.allclose(want, base, atol=1e-3)
-    finetune.save_model(model, tok, tmp_path / "merged")
+    save_model(model, tok, tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
@@ -128,10 +133,10 @@ def test_sigterm_checkpoints_and_resume_continues(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "remote.jobs.finetune", *args], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    ckpts = runs / "long" / finetune.CHECKPOINTS
+    ckpts = runs / "long" / rundir.TRAINER_CHECKPOINTS
     try:
         deadline = time.time() + 120
-        while finetune.last_complete_checkpoint(ckpts) is None and time.time() < deadline:
+        while last_complete_checkpoint(ckpts) is None and time.time() < deadline:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
@@ -141,7 +146,7 @@ def test_sigterm_checkpoints_and_resume_continues(tiny_model_dir, tmp_path):
         proc.wait()
     meta = json.loads((runs / "long" / "run.json").read_text())
     assert meta["status"] == rundir.INTERRUPTED
-    stopped = int(finetune.last_complete_checkpoint(ckpts).rsplit("-", 1)[1])
+    stopped = int(last_complete_checkpoint(ckpts).rsplit("-", 1)[1])
     assert (stopped >= 3 and stopped == meta["step"]) or stopped >= meta["step"]
     # Resume with a finish line just past the checkpoint: it continues, it does not restart.
     target = stopped + 2
@@ -152,3 +157,90 @@ def test_sigterm_checkpoints_and_resume_continues(tiny_model_dir, tmp_path):
     assert meta["status"] == rundir.COMPLETED and meta["step"] == target and meta["resumed_at"]
     steps = [r["step"] for r in rundir.read_metrics(runs / "long" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == target  # nothing logged twice
+
+
+def test_two_jobs_in_one_process_keep_their_own_train_log(sft_run, tmp_path):
+    import logging
+
+    from remote.jobs import evaluate
+
+    handlers = list(logging.getLogger("tinycloud").handlers)
+    path, _ = sft_run
+    argv = ["--model", str(path / "model"), "--max-steps", "1", "--max-new-tokens", "2",
+            "--runs-dir", str(tmp_path), "--name", "ev", "--device", "cpu"]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    assert logging.getLogger("tinycloud").handlers == handlers  # nothing left attached
+    ft_log, ev_log = (path / "train.log").read_text(), (tmp_path / "ev" / "train.log").read_text()
+    assert "finetune " in ft_log and "step 12/12 loss" in ft_log and "evaluate:" not in ft_log
+    assert "evaluate: 1 prompts" in ev_log and "finetune " not in ev_log
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "sgd-momentum", "nesterov"])
+def test_optimizer_flag_builds_that_optimizer_with_the_lr(tiny_model_dir, tmp_path, name):
+    from remote.jobs import dpo
+
+    args = finetune.parse_args(["--model", str(tiny_model_dir), "--optimizer", name, "--lr",
+                                "0.0123", "--weight-decay", "0.5", "--device", "cpu",
+                                "--runs-dir", str(tmp_path), "--name", "o"])  # fmt: skip
+    targs = finetune.training_arguments(args, tmp_path, finetune.schedule(args, 8, 1), "cpu")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sft = finetune.make_trainer(finetune.load_model(args, tok), tok, [], [], targs,
+                                optimizer=name)  # fmt: skip
+    args.method, args.dataset = "dpo", str(dpo.SHIPPED_PAIRS)
+    trainer, _, _ = dpo.build_trainer(args, None, Dist(), [])
+    for opt in (sft.create_optimizer(), trainer.create_optimizer()):
+        assert type(opt).__name__ == ("AdamW" if name == "adamw" else "SGD")
+        assert opt.defaults["lr"] == 0.0123
+        if name != "adamw":
+            assert opt.defaults["momentum"] == (0.0 if name == "sgd" else 0.9)
+            assert opt.defaults["nesterov"] == (name == "nesterov")
+        decays = sorted(g["weight_decay"] for g in opt.param_groups)
+        assert decays == [0.0, 0.5]  # matrices decay; biases and LayerNorms do not
+
+
+def torchrun(module: str, *args: str) -> None:
+    """``torchrun --standalone --nproc_per_node=2 -m module args``: 2 CPU processes, gloo."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", module, *args, "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_finetune_and_evaluate_run_under_torchrun(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from remote.jobs import evaluate
+
+    data, runs = write_data(tmp_path / "data.jsonl"), tmp_path / "runs"
+    torchrun("remote.jobs.finetune", *argv(tiny_model_dir, data, runs, "ddp"),
+             "--max-steps", "3", "--logging-steps", "1")  # fmt: skip
+    assert sorted(p.name for p in runs.iterdir()) == ["ddp"]  # one run dir, named once
+    meta = json.loads((runs / "ddp" / "run.json").read_text())
+    assert meta["status"] == rundir.COMPLETED and meta["step"] == 3
+    rows = [r for r in rundir.read_metrics(runs / "ddp" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer: no step twice
+    assert (runs / "ddp" / "train.log").read_text().count("model saved to") == 1
+    AutoModelForCausalLM.from_pretrained(runs / "ddp" / "model")
+
+    # evaluate: prompts split over the ranks; the same answers and loss as one process
+    ev = ["--model", str(runs / "ddp" / "model"), "--base", str(tiny_model_dir),
+          "--max-steps", "3", "--max-new-tokens", "4", "--eval-data", str(data),
+          "--runs-dir", str(runs)]  # fmt: skip
+    torchrun("remote.jobs.evaluate", *ev, "--name", "ev2")
+    assert evaluate.main([*ev, "--name", "ev1", "--device", "cpu"]) == 0
+    one, two = (json.loads((runs / n / "run.json").read_text()) for n in ("ev1", "ev2"))
+    assert two["status"] == rundir.COMPLETED
+    for label in ("base", "fine-tuned"):
+        assert two["summary"][label]["eval_tokens"] == one["summary"][label]["eval_tokens"]
+        assert two["summary"][label]["eval_loss"] == pytest.approx(
+            one["summary"][label]["eval_loss"], rel=1e-4
+        )
+
+    def answers(name):
+        return [
+            json.loads(x)["answer"] for x in (runs / name / "report.jsonl").read_text().splitlines()
+        ]
+
+    assert answers("ev2") == answers("ev1") and len(answers("ev1")) == 6

@@ -198,10 +198,18 @@ def _wait_port(port: int, proc: subprocess.Popen) -> None:
 
 def _stop_vm_processes(work: Path) -> None:
     """Kill what the tests left running on the "VM": detached jobs and the server loop."""
-    pid_files = [*work.glob("runs/*/.pid"), work / "serve" / "server.pid"]
-    for pid_file in pid_files:
-        with contextlib.suppress(OSError, ValueError):
-            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+    for pid_file in [*work.glob("runs/*/.pid"), work / "serve" / "server.pid"]:
+        kill_group(pid_file)
+
+
+def kill_group(pid_file: Path) -> None:
+    """SIGKILL the process group a pid file names, if that process is still ours (a finished
+    job's pid may have been reused by something else on this shared machine)."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"remote.jobs" in cmdline or b"serving.server" in cmdline:
+            os.killpg(pid, signal.SIGKILL)
 
 
 # --- moto ----------------------------------------------------------------------------------------

@@ -175,3 +175,23 @@ def test_job_command_plain_and_under_torchrun():
         "--nproc_per_node=2",
         "-m",
     ]
+
+
+def test_tgi_launch_script_is_rendered_for_the_model_and_needs_docker(tmp_path, monkeypatch):
+    from remote.render import render_launch_script
+    from remote.runner import LocalRunner
+    from remote.serve import start_tgi
+
+    script = render_launch_script(
+        model_dir="/home/ubuntu/tinycloud/runs/ft/model",
+        api_port=8080,
+        api_key="k3y'quote",
+        gpu=False,
+        n_positions=256,
+    )
+    assert "/home/ubuntu/tinycloud/runs/ft/model" in script
+    assert "255" in script and "256" in script  # max input / total tokens from n_positions
+    assert "'k3y'\"'\"'quote'" in script  # shell-quoted, never bare
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a host without Docker
+    with pytest.raises(Exit, match="--engine tgi needs Docker"):
+        start_tgi(LocalRunner(tmp_path / "work"), script)

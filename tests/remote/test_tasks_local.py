@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from remote_harness import fab_fixture  # noqa: F401
+from remote_harness import fab_fixture, kill_group  # noqa: F401
 
 FLAGS = (
     "--n-layer 1 --n-head 1 --n-embd 32 --block-size 32 --batch-size 2 --vocab-size 300 "
@@ -22,11 +22,13 @@ FLAGS = (
 
 @pytest.fixture
 def local(tmp_path):
-    return {
+    yield {
         "TINYCLOUD_TARGET": "local",
         "TINYCLOUD_HOME": str(tmp_path / "state"),
         "TINYCLOUD_LOCAL_RUNS": str(tmp_path / "runs"),
     }
+    for pid_file in (tmp_path / "state" / "local" / "work" / "runs").glob("*/.pid"):
+        kill_group(pid_file)  # a failed test must not leave a 5000-step job behind
 
 
 def _meta(env: dict[str, str]) -> dict:

@@ -1,0 +1,99 @@
+"""Loading and saving the models every job works on, with the errors a user can act on.
+
+tok = load_tokenizer("runs/sft-1/model")          # EOS required; pad = EOS when missing
+model = load_model("gpt2")                         # JobError with a hint when it cannot
+model = add_lora(model, rank=16, alpha=32)         # peft adapters, merged again by save_model
+save_model(model, tok, run.model_dir)              # a plain dir TGI and the native server load
+device = pick_device("auto", local_rank)           # "cpu" or "cuda:N"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from remote.jobs.errors import JobError
+from remote.jobs.prompts import save_tokenizer_with_chat_format
+
+
+def pick_device(flag: str, local_rank: int = 0) -> str:
+    """``--device auto|cpu|cuda`` as a torch device string; each torchrun rank its own GPU."""
+    import torch
+
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise JobError("--device cuda: no CUDA GPU is visible. Use --device cpu or auto")
+    if flag == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank}"
+
+
+def load_hint(source: str, exc: BaseException, what: str = "model") -> str:
+    """Why ``source`` did not load (the library's first line) and what to pass instead."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+    if Path(source).exists():
+        return f"could not load {what} {source!r}: {first}. It must be a save_pretrained directory"
+    return (
+        f"could not load {what} {source!r}: {first}. Give a save_pretrained directory "
+        "(e.g. runs/<run>/model) or a hub id this machine can download"
+    )
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise JobError(load_hint(source, exc)) from exc
+    if tok.eos_token is None:
+        raise JobError(
+            f"the tokenizer of {source!r} has no EOS token, so no text could end. "
+            "Use a model whose tokenizer has one (GPT-2's <|endoftext|>)"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # GPT-2 has none; padding is masked out anyway
+    return tok
+
+
+def load_model(source: str, kind: str = "AutoModelForCausalLM") -> Any:
+    import transformers
+
+    try:
+        return getattr(transformers, kind).from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise JobError(load_hint(source, exc)) from exc
+
+
+def lora_config(rank: int, alpha: int, targets: Any = None) -> Any:
+    """LoRA on ``targets`` (None: peft's default modules for the architecture; GPT-2: the fused
+    q/k/v), no dropout, for a causal LM."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
+    )
+
+
+def add_lora(model: Any, rank: int, alpha: int) -> Any:
+    """LoRA adapters on peft's default modules, or on every linear layer for architectures
+    peft has no default for."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(rank, alpha))
+    except ValueError:
+        return get_peft_model(model, lora_config(rank, alpha, "all-linear"))
+
+
+def save_model(model: Any, tok: Any, model_dir: Path) -> None:
+    """A plain save_pretrained directory any server loads: LoRA merged in, the KV cache on,
+    generation stopping at EOS, and the chat template of prompts.py in the tokenizer."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir)
+    save_tokenizer_with_chat_format(tok, model_dir)
