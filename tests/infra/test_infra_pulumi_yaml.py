@@ -50,12 +50,13 @@ def test_default_api_port_is_the_servers():
     assert config.DEFAULTS["apiPort"] == DEFAULT_PORT
 
 
-def test_vm_paths_are_the_ones_fab_expects():
+def test_vm_paths_are_the_ones_fab_expects(monkeypatch):
     """cloud-init makes what `fab setup` waits for and writes into: same marker, user, runs."""
     from infra import cloud_init
-    from remote import settings
+    from remote import boot, settings
 
-    assert cloud_init.READY_MARKER == settings.DEFAULT_READY_MARKER
+    monkeypatch.delenv("TINYCLOUD_READY_MARKER", raising=False)
+    assert boot.ready_marker() == cloud_init.READY_MARKER
     assert cloud_init.SSH_USER == settings.DEFAULT_USER
     remote_runs = f"{cloud_init.HOME_DIR}/{settings.DEFAULT_REMOTE_DIR}/{settings.RUNS_DIR}"
     assert remote_runs == cloud_init.RUNS_DIR
