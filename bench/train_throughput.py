@@ -221,11 +221,13 @@ def ours_step(model, tok, rows, out: Path, packing: bool = False) -> tuple[float
     """One optimizer step of remote.jobs.finetune's Trainer on the same 16 examples."""
     from remote.jobs import finetune
     from remote.jobs.batching import tokenize_examples
+    from remote.jobs.models import set_dropout
     from remote.jobs.presets import format_instruction
 
     pairs = [format_instruction(r, tok.eos_token) for r in rows]
     feats, _ = tokenize_examples(tok, pairs, finetune.MAX_LENGTH)
     args = finetune.parse_args(["--max-steps", "1", "--device", "cpu"])
+    set_dropout(model, args.dropout)  # as finetune.load_model does
     targs = finetune.training_arguments(args, out / "ours", finetune.schedule(args, 16, 1), "cpu")
     targs = dataclasses.replace(
         targs,

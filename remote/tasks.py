@@ -427,6 +427,30 @@ def prompt(
     print(answer.get("generated_text", "").strip())
 
 
+def _run_until_stopped(argv: list[str]) -> int | None:
+    """Run ``argv`` (ssh) in the foreground; Ctrl-C or SIGTERM to `fab` stops it too, so a
+    killed `fab tunnel` never leaves an orphaned ssh holding the port. None when stopped."""
+    import signal
+
+    child = subprocess.Popen(argv)
+    stopped: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopped.append(signum)
+        child.terminate()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait(10)
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return None if stopped else code
+
+
 @task(
     auto_shortflags=False,
     help=_help(
@@ -470,11 +494,8 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
         f'(fab prompt --url http://127.0.0.1:{local} "..."); Ctrl-C to stop',
         flush=True,
     )
-    try:
-        code = subprocess.run(argv).returncode
-    except KeyboardInterrupt:
-        return
-    if code != 0:
+    code = _run_until_stopped(argv)
+    if code is not None and code != 0:
         raise Exit(f"the tunnel ended (ssh exit {code}).", code=code)
 
 

@@ -64,6 +64,22 @@ def load_model(source: str, kind: str = "AutoModelForCausalLM") -> Any:
         raise JobError(load_hint(source, exc)) from exc
 
 
+def set_dropout(model: Any, p: float) -> None:
+    """Set every dropout in ``model`` to ``p``, whatever the architecture names them.
+
+    Setting the modules (not the config) is what counts once the model is built; attention
+    dropout reads its module's ``p`` too. The saved config is left as it was, so a later run
+    on this model starts from the architecture's own value.
+    """
+    from torch import nn
+
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), not {p}")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
 def lora_config(rank: int, alpha: int, targets: Any = None) -> Any:
     """LoRA on ``targets`` (None: peft's default modules for the architecture; GPT-2: the fused
     q/k/v), no dropout, for a causal LM."""

@@ -19,14 +19,11 @@ from typing import Any
 
 PROMPT_FORMAT_FILE = "prompt_format.json"  # written into model/ beside tokenizer_config.json
 
-PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-PREAMBLE_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request."
-)
+# Alpaca's own preamble ("Below is an instruction that describes a task...") is 21-33 GPT-2
+# tokens on every example: a fifth of the compute of an alpaca-1k fine-tune, and of the chat
+# page's context, for a sentence that never changes. These short ones carry the same cue.
+PREAMBLE = "Respond to the instruction."
+PREAMBLE_WITH_INPUT = "Respond to the instruction, using the input."
 INSTRUCTION_HEADER = "### Instruction:\n"
 INPUT_HEADER = "### Input:\n"
 RESPONSE_HEADER = "### Response:\n"

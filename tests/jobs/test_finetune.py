@@ -244,3 +244,18 @@ def test_finetune_and_evaluate_run_under_torchrun(tiny_model_dir, tmp_path):
         ]
 
     assert answers("ev2") == answers("ev1") and len(answers("ev1")) == 6
+
+
+def test_dropout_flag_sets_every_dropout_module(tiny_model_dir):
+    from torch import nn
+
+    from remote.jobs.models import load_tokenizer, set_dropout
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    for value in ("0.0", "0.2"):
+        args = finetune.parse_args(["--model", str(tiny_model_dir), "--dropout", value])
+        model = finetune.load_model(args, tok)
+        ps = {m.p for m in model.modules() if isinstance(m, nn.Dropout)}
+        assert ps == {float(value)}
+    with pytest.raises(ValueError, match="dropout"):
+        set_dropout(model, 1.5)

@@ -336,6 +336,15 @@ def _check_tunnel(vm: dict[str, str], api_port: int) -> None:
     finally:
         tunnel.terminate()
         tunnel.wait(10)
+    # fab forwarded the SIGTERM to its ssh: nothing may be left holding the port.
+    _wait_for("the tunnel's ssh to exit", lambda: not _port_open(local_port), timeout=20)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _check_restart_on_failure(sshd, url: str) -> None:
