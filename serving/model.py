@@ -50,6 +50,14 @@ class LoadedModel:
         )
 
 
+def default_model_id(path: Path, given: str) -> str:
+    """What /info calls the model: a run's ``runs/<run>/model`` is known by the run's name."""
+    if not path.exists():
+        return given  # a hub id
+    resolved = path.resolve()
+    return resolved.parent.name if resolved.name == "model" else resolved.name
+
+
 def conv1d_to_linear(conv: Any) -> Any:
     """A ``transformers`` ``Conv1D`` (y = x @ W + b, W stored in x out) as an ``nn.Linear``."""
     import torch
@@ -137,7 +145,7 @@ def load_model(
     return LoadedModel(
         runner=GPT2Runner(hf, slots=slots, max_len=n_ctx),
         tokenizer=tokenizer,
-        model_id=model_id or (path.resolve().name if path.exists() else model),
+        model_id=model_id or default_model_id(path, model),
         dtype=dtype,
         device=device,
         max_total_tokens=n_ctx,

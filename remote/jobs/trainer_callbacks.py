@@ -74,8 +74,7 @@ class MetricsCallback(TrainerCallback):
         self.run.append_metrics(row)
         progress = {k: v for k, v in row.items() if k != "lr"}
         self.run.update(max_steps=state.max_steps, eta_s=eta and round(eta, 1), **progress)
-        extra = "".join(f" {k} {v:.4g}" for k, v in row.items() if k not in ("step", "loss"))
-        self.run.log("step %d/%d loss %.4f%s", step, state.max_steps, row["loss"], extra)
+        self.run.log(progress_line(row, state.max_steps, eta))
 
     def _eval_row(self, step: int, logs: dict[str, float]) -> None:
         row: dict[str, Any] = {"step": step}
@@ -155,3 +154,17 @@ def resume_point(out: Path, run: RunDir | None) -> str | None:
         run.truncate_metrics_after(step)
         run.log("resuming from %s (step %d)", last, step)
     return last
+
+
+def progress_line(row: dict[str, Any], max_steps: int, eta: float | None) -> str:
+    """The same shape as pretrain's log line: step | loss | lr | tok/s | eta, then extras."""
+    parts = [f"step {row['step']}/{max_steps}", f"loss {row['loss']:.4f}"]
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.2e}")
+    if "tokens_per_s" in row:
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    if eta is not None:
+        parts.append(f"eta {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}")
+    known = {"step", "loss", "lr", "tokens_per_s"}
+    parts += [f"{k} {v:.4g}" for k, v in row.items() if k not in known and isinstance(v, float)]
+    return " | ".join(parts)

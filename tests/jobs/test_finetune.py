@@ -171,7 +171,7 @@ def test_two_jobs_in_one_process_keep_their_own_train_log(sft_run, tmp_path):
     assert evaluate.main(argv) == 0
     assert logging.getLogger("tinycloud").handlers == handlers  # nothing left attached
     ft_log, ev_log = (path / "train.log").read_text(), (tmp_path / "ev" / "train.log").read_text()
-    assert "finetune " in ft_log and "step 12/12 loss" in ft_log and "evaluate:" not in ft_log
+    assert "finetune " in ft_log and "step 12/12 | loss" in ft_log and "evaluate:" not in ft_log
     assert "evaluate: 1 prompts" in ev_log and "finetune " not in ev_log
 
 
@@ -259,3 +259,12 @@ def test_dropout_flag_sets_every_dropout_module(tiny_model_dir):
         assert ps == {float(value)}
     with pytest.raises(ValueError, match="dropout"):
         set_dropout(model, 1.5)
+
+
+def test_progress_line_reads_like_pretrain():
+    from remote.jobs.trainer_callbacks import progress_line
+
+    row = {"step": 25, "loss": 5.61274, "lr": 0.0009857, "tokens_per_s": 7385.2}
+    line = progress_line(row, 300, eta=3725.0)
+    assert line == "step 25/300 | loss 5.6127 | lr 9.86e-04 | 7,385 tok/s | eta 1:02:05"
+    assert progress_line({"step": 1, "loss": 2.0}, 3, None) == "step 1/3 | loss 2.0000"

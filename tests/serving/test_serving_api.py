@@ -53,7 +53,7 @@ def greedy(inputs: str, n: int = 12, **extra) -> dict:
 def test_health_is_open_and_info_describes_the_model(server, client, tiny_model_dir):
     assert httpx.get(f"{server}/health").status_code == 200  # no key needed
     info = client.get("/info").json()
-    assert info["model_id"] == tiny_model_dir.name
+    assert info["model_id"] == tiny_model_dir.parent.name  # runs/<run>/model: the run's name
     assert info["model_dtype"] == "torch.float32"
     assert (info["max_input_tokens"], info["max_total_tokens"]) == (255, 256)
     assert info["max_stop_sequences"] == C.MAX_STOP_SEQUENCES
