@@ -7,11 +7,15 @@ They are: a real OpenSSH server standing in for the VM, moto's real
 EC2 server, a recorded stack-outputs document pointing at both, and a way to run `fab`.
 
 - ``sshd`` (session): ``/usr/sbin/sshd -D -e`` on a free loopback port with its own ed25519 host
-  key and one authorized client key. The login user is a dedicated account created with
-  ``useradd`` whose home is a temp dir (the "VM"), when that account can run this checkout's
-  Python; where it cannot (the interpreter lives under root's 0700 home, as uv and pyenv put it
-  on a root CI box), the current user logs in instead and TINYCLOUD_REMOTE_DIR points the work
-  directory at a temp dir. Either way the VM's files are on this machine, so tests can look.
+  key and one authorized client key. The login user is a dedicated account made with
+  ``useradd`` whose home is a 0755 temp dir under /tmp (the "VM"). Where the interpreter lives
+  under a folder others may not enter (root's 0700 home, as uv and pyenv put it on a root CI
+  box), the account gets traverse-only ACL entries (``setfacl -m u:NAME:x``) on just those
+  folders. Teardown kills the account's processes, removes the ACL entries, the account and
+  its home. Without root (a laptop) the current user logs in instead and TINYCLOUD_REMOTE_DIR
+  points the work directory into the temp home (``Sshd.note`` says which and why); as root with
+  ``CI`` set, failing to make the account fails the tests. Either way the VM's files are on
+  this machine, so tests can look; files a job must read go through ``Sshd.hand_over``.
 - ``moto`` (session): ``ThreadedMotoServer`` on a free loopback port; boto3 reaches it through
   ``AWS_ENDPOINT_URL`` and fake credentials (the ``aws_env`` dict).
 - ``fab(env, *args)``: runs the real `fab` program in-process with ``env`` applied only for the
@@ -28,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -99,10 +104,33 @@ class Sshd:
     host_public_key: str  # "ssh-ed25519 AAAA..."
     remote_dir: str  # TINYCLOUD_REMOTE_DIR for this user ("" = ~/tinycloud)
     note: str  # which kind of user logs in, and why
+    uid: int
+    gid: int
 
     @property
     def work(self) -> Path:
         return Path(self.remote_dir) if self.remote_dir else self.home / "tinycloud"
+
+    @property
+    def inbox(self) -> Path:
+        """A folder on the "VM" the login user owns: files the tests hand to jobs go here."""
+        return self.home / "inbox"
+
+    def own(self, path: Path) -> Path:
+        """Give ``path`` (and all below it) to the login user, as if it had made it."""
+        for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+            os.lchown(p, self.uid, self.gid)
+        return path
+
+    def hand_over(self, src: Path) -> Path:
+        """A copy of ``src`` (file or folder) in the inbox, for a job on the "VM" to read: the
+        tests' own temp dirs are private to the user running pytest."""
+        dest = self.inbox / src.name
+        if src.is_dir():
+            shutil.copytree(src, dest)
+        else:
+            shutil.copy2(src, dest)
+        return self.own(dest)
 
 
 def _keygen(path: Path) -> str:
@@ -112,27 +140,105 @@ def _keygen(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-def _dedicated_user(home: Path) -> str | None:
-    """A fresh account with ``home`` as its home, if we may create one and it can run the
-    checkout's Python; None otherwise (then the current user stands in)."""
-    if os.geteuid() != 0 or not shutil.which("useradd"):
-        return None
+class NoDedicatedUser(Exception):
+    """Why the stand-in VM cannot get an account of its own."""
+
+
+def _closed_dirs() -> list[Path]:
+    """Folders on the way to this checkout and its interpreter that other users may not enter
+    (``/root`` where pyenv or uv installed Python): the account needs to pass through them."""
+    closed: set[Path] = set()
+    for target in (Path(sys.executable).resolve(), ROOT):
+        for folder in target.parents:
+            if not folder.stat().st_mode & 0o001:
+                closed.add(folder)
+    return sorted(closed)
+
+
+def _grant_traverse(name: str, folder: Path) -> None:
+    done = subprocess.run(
+        ["setfacl", "-m", f"u:{name}:x", str(folder)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise NoDedicatedUser(f"setfacl -m u:{name}:x {folder} failed: {done.stderr.strip()}")
+
+
+def _revoke_traverse(uid: int, folder: Path) -> None:
+    """Take the entry away again (by uid: it must outlive the name); drop the ACL altogether
+    when only the mask setfacl added is left, so the folder is exactly as it was."""
+    subprocess.run(["setfacl", "-x", f"u:{uid}", str(folder)], capture_output=True)
+    acl = subprocess.run(
+        ["getfacl", "-cp", str(folder)], capture_output=True, text=True
+    ).stdout.splitlines()
+    if not any(line.split(":")[1] for line in acl if line.startswith(("user:", "group:"))):
+        subprocess.run(["setfacl", "-b", str(folder)], capture_output=True)
+
+
+def _remove_account(name: str, granted: list[Path]) -> None:
+    """Kill everything the account still runs (detached jobs, the server loop), take back its
+    grants, then delete it; userdel refuses while a process of the user is alive, so retry."""
+    uid = pwd.getpwnam(name).pw_uid
+    subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+    for folder in granted:
+        _revoke_traverse(uid, folder)
+    for _ in range(50):
+        if subprocess.run(["userdel", name], capture_output=True).returncode in (0, 6):
+            return  # 6: no such user
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        time.sleep(0.1)
+    subprocess.run(["userdel", "--force", name], capture_output=True)
+
+
+@contextlib.contextmanager
+def _dedicated_user(home: Path):
+    """A fresh account whose home is ``home``, allowed through just the folders between it and
+    this checkout's Python; removed (with its processes and grants) on exit."""
+    if os.geteuid() != 0:
+        raise NoDedicatedUser("creating an account needs root")
+    for tool in ("useradd", "userdel", "runuser", "setfacl", "getfacl"):
+        if not shutil.which(tool):
+            raise NoDedicatedUser(f"{tool} is not installed (apt-get install passwd acl)")
     name = f"tcvm{uuid.uuid4().hex[:6]}"
+    # Password "*": no password login, yet not "locked" ("!"), which sshd would refuse.
     made = subprocess.run(
-        ["useradd", "--home-dir", str(home), "--no-create-home", "--shell", "/bin/bash", name],
+        ["useradd", "--home-dir", str(home), "--no-create-home", "--shell", "/bin/bash"]
+        + ["--password", "*", "--user-group", name],
         capture_output=True,
+        text=True,
     )
     if made.returncode != 0:
-        return None
-    uid = pwd.getpwnam(name).pw_uid
-    os.chown(home, uid, uid)
-    probe = subprocess.run(
-        ["runuser", "-u", name, "--", VENV_PYTHON, "-c", "import torch"], capture_output=True
-    )
-    if probe.returncode == 0:
-        return name
-    subprocess.run(["userdel", name], capture_output=True)
-    return None
+        raise NoDedicatedUser(f"useradd failed: {made.stderr.strip()}")
+    granted: list[Path] = []
+    try:
+        for folder in _closed_dirs():
+            _grant_traverse(name, folder)
+            granted.append(folder)
+        entry = pwd.getpwnam(name)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        probe = subprocess.run(
+            ["runuser", "-u", name, "--", VENV_PYTHON, "-c", "import torch"],
+            capture_output=True,
+            text=True,
+            cwd=home,
+        )
+        if probe.returncode != 0:
+            raise NoDedicatedUser(f"{name} cannot run {VENV_PYTHON}: {probe.stderr.strip()[-300:]}")
+        yield entry
+    finally:
+        _remove_account(name, granted)
+
+
+def _login_user(stack: contextlib.ExitStack, home: Path) -> tuple[pwd.struct_passwd, str, str]:
+    """The account that logs in, its TINYCLOUD_REMOTE_DIR, and a note saying which it is."""
+    try:
+        entry = stack.enter_context(_dedicated_user(home))
+        return entry, "", f"dedicated user {entry.pw_name} (home {home})"
+    except NoDedicatedUser as why:
+        if os.geteuid() == 0 and os.environ.get("CI"):
+            pytest.fail(f"CI runs as root, so the stand-in VM must be a dedicated account: {why}")
+        entry = pwd.getpwuid(os.getuid())
+        work = str(home / "tinycloud")
+        return entry, work, f"current user {entry.pw_name} with work dir {work}: {why}"
 
 
 @pytest.fixture(scope="session", name="sshd")
@@ -141,46 +247,60 @@ def sshd_fixture(tmp_path_factory):
         pytest.skip(
             "OpenSSH server (/usr/sbin/sshd) is not installed: apt-get install openssh-server"
         )
-    base = tmp_path_factory.mktemp("sshd")
-    home = base / "home"
-    home.mkdir(mode=0o755)
+    base = tmp_path_factory.mktemp("sshd")  # sshd's own files: private to the test user
     host_pub = _keygen(base / "host_ed25519")
     _keygen(base / "client_ed25519")
-    user = _dedicated_user(home)
-    if user:
-        note, remote_dir = f"dedicated user {user} (home {home})", ""
-    else:
-        user = pwd.getpwuid(os.getuid()).pw_name
-        remote_dir = str(home / "tinycloud")
-        note = (
-            f"current user {user} with work dir {remote_dir}: a dedicated account could not "
-            "run this checkout's Python (it lives under a home only root can enter)"
+    with contextlib.ExitStack() as stack:
+        # The VM's home sits outside pytest's basetemp, which only its owner may enter.
+        home = Path(tempfile.mkdtemp(prefix="tcvm-home-", dir="/tmp"))
+        stack.callback(shutil.rmtree, home, ignore_errors=True)
+        home.chmod(0o755)
+        entry, remote_dir, note = _login_user(stack, home)
+        hf_home = home / ".cache" / "huggingface"
+        for folder in (home / "inbox", hf_home, home / ".ssh"):
+            folder.mkdir(parents=True)
+        # sshd reads authorized_keys as the login user, so it lives in that user's home.
+        auth = home / ".ssh" / "authorized_keys"
+        auth.write_text((base / "client_ed25519.pub").read_text())
+        auth.chmod(0o600)
+        sshd = Sshd(
+            port=free_port(),
+            user=entry.pw_name,
+            home=home,
+            client_key=base / "client_ed25519",
+            host_public_key=host_pub,
+            remote_dir=remote_dir,
+            note=note,
+            uid=entry.pw_uid,
+            gid=entry.pw_gid,
         )
-    auth = base / "authorized_keys"
-    auth.write_text((base / "client_ed25519.pub").read_text())
-    port = free_port()
+        sshd.own(home)
+        proc = _start_sshd(base, sshd, auth, hf_home)
+        stack.callback(_stop_sshd, proc)
+        _wait_port(sshd.port, proc)
+        yield sshd
+        _stop_vm_processes(sshd.work)
+
+
+def _start_sshd(base: Path, sshd: Sshd, auth: Path, hf_home: Path) -> subprocess.Popen:
     config = base / "sshd_config"
-    hf_home = base / "hf"
     config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base / 'host_ed25519'}\n"
+        f"Port {sshd.port}\nListenAddress 127.0.0.1\nHostKey {base / 'host_ed25519'}\n"
         f"PidFile {base / 'sshd.pid'}\nAuthorizedKeysFile {auth}\nStrictModes no\nUsePAM no\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-        f"PermitRootLogin prohibit-password\nAllowUsers {user}\n"
+        f"PermitRootLogin prohibit-password\nAllowUsers {sshd.user}\n"
         "Subsystem sftp internal-sftp\nMaxSessions 64\nMaxStartups 64\nLogLevel ERROR\n"
         # The stand-in VM has no network either: keep the jobs' libraries offline.
         f"SetEnv HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME={hf_home} "
         "TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg\n"
     )
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation dir
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
-    _wait_port(port, proc)
-    yield Sshd(port, user, home, base / "client_ed25519", host_pub, remote_dir, note)
-    _stop_vm_processes(Path(remote_dir) if remote_dir else home / "tinycloud")
+    return subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+
+
+def _stop_sshd(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(10)
-    if not remote_dir:
-        subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
-        subprocess.run(["userdel", user], capture_output=True)
 
 
 def _wait_port(port: int, proc: subprocess.Popen) -> None:
@@ -280,10 +400,11 @@ def vm_fixture(sshd, moto, tmp_path_factory) -> dict[str, str]:
         host_public_key=sshd.host_public_key,
         allowed_cidrs=["127.0.0.1/32"],
     )
-    marker = state / "ready"
+    # The marker and the fake uv are on the "VM": the login user reads and runs them.
+    marker = sshd.inbox / "ready"
     marker.write_text("ready\n")
     return {
-        "TINYCLOUD_UV": str(fake_uv(state)),
+        "TINYCLOUD_UV": str(fake_uv(sshd.inbox)),
         **moto,
         "TINYCLOUD_STACK_OUTPUTS": str(outputs),
         "TINYCLOUD_SSH_PORT": str(sshd.port),

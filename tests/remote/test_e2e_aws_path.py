@@ -33,12 +33,14 @@ ROWS = [
 def test_the_aws_path_in_order(fab, vm, sshd, tiny_model_dir, tmp_path):
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    # The job runs as the VM's login user: it reads copies on the VM, as after an upload.
+    data, model = sshd.hand_over(data), sshd.hand_over(tiny_model_dir)
 
     setup = fab(vm, "setup")
     assert setup.code == 0, setup.text
     assert "ready:" in setup.out
 
-    flags = f"--model {tiny_model_dir} --dataset {data} --max-steps 3 --batch-size 4"
+    flags = f"--model {model} --dataset {data} --max-steps 3 --batch-size 4"
     train = fab(vm, "train", "finetune", "--name", RUN, "--follow", "--args", flags)
     assert train.code == 0, train.text
     assert f"started finetune {RUN!r}" in train.out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 import threading
@@ -62,6 +63,7 @@ def test_sftp_sync_sends_only_changed_files_and_deletes_stale_ones(fab, vm, sshd
     changed = sshd.work / "remote" / "jobs" / "prompts.py"
     if changed.exists():
         changed.write_text("# edited on the host\n")
+    sshd.own(sshd.work)  # as if the login user had left them there
     r = fab(vm, "setup", "--sync", "sftp")
     assert r.code == 0, r.text
     assert "deleted serving/stale_module.py" in r.out
@@ -71,8 +73,8 @@ def test_sftp_sync_sends_only_changed_files_and_deletes_stale_ones(fab, vm, sshd
     assert "code: 0 file(s) updated" in again.out, again.text
 
 
-def test_setup_waits_for_cloud_init_marker(fab, vm, tmp_path):
-    marker = tmp_path / "ready"
+def test_setup_waits_for_cloud_init_marker(fab, vm, sshd):
+    marker = sshd.inbox / "ready-later"  # where the login user may look
     env = {**vm, "TINYCLOUD_READY_MARKER": str(marker)}
     timer = threading.Timer(1.5, marker.write_text, args=("ok\n",))
     timer.start()
@@ -94,14 +96,29 @@ def test_ssh_prints_a_command_that_logs_in_with_the_pinned_host_key(fab, vm, ssh
     key = Path(command.split("-i ", 1)[1].split()[0])
     assert key.stat().st_mode & 0o777 == 0o600
     done = subprocess.run(
-        f"{command} -o BatchMode=yes echo logged-in",
+        f"{command} -o BatchMode=yes 'whoami; echo $HOME'",
         shell=True,
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "logged-in"
+    assert done.stdout.split() == [sshd.user, str(_home_of(sshd.user))], sshd.note
+
+
+def test_the_vm_is_a_dedicated_account_whose_home_is_a_temp_dir(sshd):
+    """As root (CI) the stand-in VM must not be root itself; elsewhere the note says why not."""
+    if os.geteuid() != 0:  # no useradd without root: the current user, a temp work dir
+        assert Path(sshd.remote_dir).parent == sshd.home, sshd.note
+        return
+    assert sshd.user.startswith("tcvm") and sshd.user != "root", sshd.note
+    assert _home_of(sshd.user) == sshd.home and sshd.home.parent == Path("/tmp")
+    assert sshd.home.stat().st_uid == pwd.getpwnam(sshd.user).pw_uid
+    assert not sshd.remote_dir  # the work dir is ~/tinycloud, found through $HOME
+
+
+def _home_of(user: str) -> Path:
+    return Path(pwd.getpwnam(user).pw_dir)
 
 
 def test_wrong_host_key_is_refused(fab, vm, tmp_path):
@@ -170,6 +187,7 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert f"started pretrain '{RUN}'" in started.out
     pid = _job_pid(sshd)
     assert _alive(pid), "fab returned but the job is gone: it was not detached"
+    assert Path(f"/proc/{pid}").stat().st_uid == sshd.uid, "the job runs as the login user"
     assert os.getsid(pid) == pid, "the job must lead its own session (setsid)"
 
     twice = fab(vm, "train", "pretrain", "--name", RUN, "--args", JOB_FLAGS)
