@@ -85,7 +85,23 @@ def load_tokenizer(words: list[str]):
         return train_bpe(texts, vocab_size=TOKENIZER_VOCAB, min_frequency=1), "offline BPE"
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick look before asking the Hub: offline, its client retries for ~40 s first."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def real_alpaca_lengths() -> list[dict[str, str]] | None:
+    if not hub_reachable():
+        return None
     try:
         from remote.jobs.presets import load_rows
 
