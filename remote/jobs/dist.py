@@ -123,9 +123,15 @@ def gather_objects(obj: Any, d: Dist) -> list[Any]:
     return out
 
 
-def cleanup(d: Dist) -> None:
+def cleanup(d: Dist, *, together: bool = True) -> None:
+    """Leave the process group. ``together`` (every rank got here normally): meet at a barrier
+    first, so no rank tears gloo down while another is still inside it — which can abort the
+    process ("terminate called without an active exception"). After a crash on one rank,
+    torchrun stops the others; waiting for them at a barrier would only hang."""
     if d.enabled:
         import torch.distributed as tdist
 
         if tdist.is_initialized():
+            if together:
+                tdist.barrier()
             tdist.destroy_process_group()

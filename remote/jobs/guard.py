@@ -44,8 +44,11 @@ class Guard:
         return run
 
     def main(self, body: Callable[[], int]) -> int:
+        together = False  # did every rank finish its work? (then they leave in step)
         try:
-            return body()
+            code = body()
+            together = True
+            return code
         except JobError as exc:
             if self.d.is_main:
                 print(f"error: {message(exc)}", file=sys.stderr)
@@ -69,7 +72,7 @@ class Guard:
         finally:
             if self.run is not None:
                 self.run.close()
-            dist.cleanup(self.d)
+            dist.cleanup(self.d, together=together)
 
     def _finish(self, status: str, **fields: Any) -> None:
         if self.run is not None:
