@@ -9,6 +9,7 @@ never see each other's resources or exports.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import runpy
 from dataclasses import dataclass, field
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pulumi
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pulumi.runtime import settings as runtime_settings
+
+from infra.cloud_init import new_ed25519_keypair
 
 INFRA_DIR = Path(__file__).resolve().parents[2] / "infra"
 UBUNTU_AMI = "ami-0a0e5d9c7acc336f1"
@@ -28,16 +29,8 @@ REGION = "us-east-1"
 
 
 def _ed25519_pair() -> tuple[str, str]:
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    ).decode()
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return private, public.decode() + "\n"  # the tls provider ends the line with a newline
+    private, public = new_ed25519_keypair()
+    return private, public + "\n"  # the tls provider ends the line with a newline
 
 
 @dataclass
@@ -109,8 +102,18 @@ def _config_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def ensure_event_loop() -> None:
+    """Pulumi's runtime runs on the current event loop; an ``asyncio.run`` elsewhere in the
+    session (the server tests' clients) leaves none set, so give it one."""
+    try:
+        asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+
+
 def run_program(config: dict[str, Any] | None = None, *, stack: str = "dev") -> Program:
     """Run infra/__main__.py with ``tinycloud:<key>`` config; return its resources and exports."""
+    ensure_event_loop()
     mocks = InfraMocks()
     runtime_settings.ROOT.set(None)  # a fresh root stack: no exports left from an earlier run
     pulumi.runtime.set_mocks(mocks, project="tinycloud", stack=stack, preview=False)

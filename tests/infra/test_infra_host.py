@@ -50,9 +50,10 @@ def test_is_world():
 @pytest.fixture
 def mocks():
     """A fresh mock engine, so this component's resources are the only ones recorded."""
-    from infra_harness import InfraMocks
+    from infra_harness import InfraMocks, ensure_event_loop
     from pulumi.runtime import settings as runtime_settings
 
+    ensure_event_loop()
     mocks = InfraMocks()
     runtime_settings.ROOT.set(None)
     pulumi.runtime.set_mocks(mocks, project="tinycloud", stack="ci", preview=False)
