@@ -105,7 +105,8 @@ def render_user_data(
     return document
 
 
-def _throwaway_host_key() -> tuple[str, str]:
+def new_ed25519_keypair() -> tuple[str, str]:
+    """(OpenSSH private PEM, public line): for previews here, and for the tests' mocks."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -122,7 +123,7 @@ def _throwaway_host_key() -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    private, public = _throwaway_host_key()
+    private, public = new_ed25519_keypair()
     print(
         render_user_data(
             host_private_key=private,

@@ -20,8 +20,9 @@ from remote.host import Target, write_secret
 def default_prompt_format() -> dict[str, Any]:
     """The project's prompt format (remote/jobs/prompts.py) with GPT-2's end-of-text token."""
     from remote.jobs.prompts import PROMPT_FORMAT
+    from remote.jobs.tokenizer import EOS
 
-    return {**PROMPT_FORMAT, "eos": "<|endoftext|>"}
+    return {**PROMPT_FORMAT, "eos": EOS}
 
 
 def out_dir(target: Target) -> Path:

@@ -75,6 +75,16 @@ async def models(request: Request) -> dict[str, Any]:
     }
 
 
+def _meta(service: Service, prefix: str) -> dict[str, Any]:
+    """The fields every OpenAI response (and each chunk of a stream) repeats."""
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+        "created": int(time.time()),
+        "model": service.loaded.model_id,
+        "system_fingerprint": service.fingerprint,
+    }
+
+
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request) -> Any:
     service = _service(request)
@@ -82,12 +92,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts:
         raise ValidationError("`prompt` cannot be an empty list")
-    meta = {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-        "created": int(time.time()),
-        "model": service.loaded.model_id,
-        "system_fingerprint": service.fingerprint,
-    }
+    meta = _meta(service, "cmpl")
     if req.stream:
         if len(prompts) != 1:
             raise ValidationError("streaming takes a single `prompt`, not a list")
@@ -129,12 +134,7 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
     prompt = service.chat_prompt(req.messages)
     # The template already placed any special tokens (as TGI: add_special_tokens=false).
     spec = service.prepare(prompt, params, add_special_tokens=False)
-    meta = {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "created": int(time.time()),
-        "model": service.loaded.model_id,
-        "system_fingerprint": service.fingerprint,
-    }
+    meta = _meta(service, "chatcmpl")
     if req.stream:
         stream = service.submit(spec)
         events = chat_events(service, stream, meta, len(spec.input_ids), req)

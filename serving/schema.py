@@ -213,12 +213,18 @@ class CompletionChoice(_Response):
     finish_reason: str | None
 
 
-class Completion(_Response):
+class _OpenAIResponse(_Response):
+    """The envelope every OpenAI-shaped answer shares; subclasses fix ``object``."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
     system_fingerprint: str
+
+
+class Completion(_OpenAIResponse):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -235,12 +241,8 @@ class ChatChoice(_Response):
     finish_reason: str
 
 
-class ChatCompletion(_Response):
-    id: str
+class ChatCompletion(_OpenAIResponse):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -257,12 +259,8 @@ class ChatChunkChoice(_Response):
     finish_reason: str | None
 
 
-class ChatCompletionChunk(_Response):
-    id: str
+class ChatCompletionChunk(_OpenAIResponse):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

@@ -84,6 +84,20 @@ def pytest_runtest_makereport(item, call):
 # --- shared fixtures ---------------------------------------------------------------------------
 
 
+# Debian's Chromium, driven by playwright (never a downloaded browser). Without the networking
+# flags Chromium keeps trying to reach Google's services, which this offline machine refuses.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless=new",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now (for real servers the tests start)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM, CHROMIUM_ARGS
 from remote_harness import (  # noqa: F401 (pytest fixtures)
     fab_fixture,
     moto_fixture,
@@ -19,7 +20,6 @@ from remote_harness import (  # noqa: F401 (pytest fixtures)
     vm_fixture,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 RUN = "e2e-finetune"
 ROWS = [
     {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
@@ -77,11 +77,7 @@ def _chat_in_chromium(page: Path, url: str, screenshot: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-            + ["--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             tab = browser.new_page()
             dialogs: list[str] = []

@@ -18,23 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port
 
 from remote.jobs.prompts import PROMPT_FORMAT
 from web.render import render_chat_page
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless=new",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 API_KEY = 'key-with-"quotes"-</script>'
 ARTIFACTS = ROOT / "test-artifacts" / "web"
 XSS = ["<img src=x onerror=alert(1)>", "<script>alert(2)</script>", '"><svg onload=alert(3)>']
