@@ -133,13 +133,19 @@ def start_tgi(runner: Runner, script: str) -> str:
 
 
 def stop_servers(runner: Runner) -> None:
-    """Whatever served before: the systemd unit, a restart loop, or the TGI container."""
+    """Whatever served before: the systemd unit, a restart loop, or the TGI container.
+
+    Returns once they are gone: an old server still draining its requests would answer the
+    next `/health` check in place of the new one (`systemctl --now` and `docker rm -f` wait by
+    themselves; the restart loop's process group is waited for here, then killed).
+    """
     name = settings.SERVICE_NAME
     from serving.constants import DEFAULT_CONTAINER_NAME
 
     runner.sh(
-        f"if [ -f {PID_FILE} ]; then kill -TERM -- -$(cat {PID_FILE}) 2>/dev/null; "
-        f"rm -f {PID_FILE}; fi; "
+        f"if [ -f {PID_FILE} ]; then pg=$(cat {PID_FILE}); kill -TERM -- -$pg 2>/dev/null; "
+        'for _ in $(seq 75); do kill -0 -- -"$pg" 2>/dev/null || break; sleep 0.2; done; '
+        f'kill -KILL -- -"$pg" 2>/dev/null; rm -f {PID_FILE}; fi; '
         f"if [ -f {UNIT_PATH} ] && sudo -n true 2>/dev/null; then "
         f"sudo -n systemctl disable --now --quiet {name}; fi; "
         f"if command -v docker >/dev/null; then "
