@@ -1,17 +1,19 @@
 """Fine-tuning throughput: the course recipe against ours, in one process, on the same examples.
 
-    .venv/bin/python bench/train_throughput.py            # 5 rounds, ~6 min on 2 quiet cores
-    .venv/bin/python bench/train_throughput.py --quick    # one round, ~2 min
-    .venv/bin/python bench/train_throughput.py --packing  # also time pad-free packed batches
+    .venv/bin/python bench/train_throughput.py            # 5 rounds, ~5 min on 2 quiet cores
+    .venv/bin/python bench/train_throughput.py --quick    # one round, ~1.5 min
+    .venv/bin/python bench/train_throughput.py --padded   # also time padded micro-batches
 
 Both sides train a randomly initialised GPT-2 124M (the real architecture and 50,257-token
 vocabulary; nothing is downloaded) with the Hugging Face Trainer, 16 examples per optimizer step
-as batch 4 x gradient accumulation 4, AdamW:
+as batch 4 x gradient accumulation 4, AdamW, fp32:
 
 - course: ``Input: ...\\nOutput: ...`` text, ``padding="max_length"`` at 256 tokens,
   DataCollatorForLanguageModeling, logits and loss at every position;
-- ours: remote.jobs.finetune's Trainer: the Alpaca prompt, micro-batches grouped by length and
-  padded to their own longest, lm_head only where the loss is; then the same with LoRA.
+- ours: remote.jobs.finetune's Trainer and model preparation with its default flags: the Alpaca
+  prompt, examples packed end to end with attention kept within each, lm_head only where the
+  loss is, GELU in one kernel, fused AdamW; then the same with LoRA (and, with ``--padded``,
+  micro-batches padded to their longest and re-cut for the least padding instead of packed).
 
 The examples have alpaca-1k's shape: its real lengths when the dataset can be loaded, otherwise
 lengths drawn to a mean of about 90 tokens in our format, a third of that prompt. The bench prints
@@ -43,6 +45,11 @@ sys.path.insert(0, str(ROOT))
 COURSE_MAX_LENGTH = 256  # the course pads every example to this
 BATCH, ACCUM = 4, 4  # the course's batch and accumulation: 16 examples a step
 LORA_RANK = 16
+VARIANTS = [  # ours: (name, remote.jobs.finetune flags beyond its defaults, bench flag adding it)
+    ("ours", [], None),
+    ("ours+lora", ["--lora-rank", str(LORA_RANK)], None),
+    ("ours padded", ["--batching", "padded"], "padded"),
+]
 TOKENIZER_VOCAB = 8192  # offline BPE size when GPT-2's own tokenizer is not cached
 WORDS_TEXT = (  # a fallback vocabulary when no shipped data is present
     "the model reads text one token at a time and learns to predict the next one a decoder "
@@ -233,17 +240,22 @@ def course_step(model, tok, rows, out: Path) -> tuple[float, dict]:
     return timer.steps[0], {"real_tokens": real, "seqs": seqs, "logits": sum(seqs)}
 
 
-def ours_step(model, tok, rows, out: Path, packing: bool = False) -> tuple[float, dict]:
-    """One optimizer step of remote.jobs.finetune's Trainer on the same 16 examples."""
+def ours_args(flags: list[str]):
+    """remote.jobs.finetune's own flags for a variant: its defaults plus ``flags``."""
+    from remote.jobs import finetune
+
+    return finetune.parse_args(["--max-steps", "1", "--device", "cpu", *flags])
+
+
+def ours_step(model, tok, rows, out: Path, args) -> tuple[float, dict]:
+    """One optimizer step of remote.jobs.finetune's Trainer on the same 16 examples, the model
+    prepared by finetune.prepare_model as a real run's is."""
     from remote.jobs import finetune
     from remote.jobs.batching import tokenize_examples
-    from remote.jobs.models import set_dropout
     from remote.jobs.presets import format_instruction
 
     pairs = [format_instruction(r, tok.eos_token) for r in rows]
     feats, _ = tokenize_examples(tok, pairs, finetune.MAX_LENGTH)
-    args = finetune.parse_args(["--max-steps", "1", "--device", "cpu"])
-    set_dropout(model, args.dropout)  # as finetune.load_model does
     targs = finetune.training_arguments(args, out / "ours", finetune.schedule(args, 16, 1), "cpu")
     targs = dataclasses.replace(
         targs,
@@ -252,9 +264,9 @@ def ours_step(model, tok, rows, out: Path, packing: bool = False) -> tuple[float
         disable_tqdm=True,
         logging_strategy="no",
         logging_first_step=False,
-        train_sampling_strategy="random" if packing else "group_by_length",
     )
     timer = StepTimer()
+    packing = args.batching == "packed"
     trainer = finetune.make_trainer(
         model, tok, feats, [], targs, packing=packing, callbacks=[timer.callback]
     )
@@ -268,13 +280,11 @@ def ours_step(model, tok, rows, out: Path, packing: bool = False) -> tuple[float
 
 
 def computed_lengths(trainer, feats, packing: bool) -> list[int]:
-    """Sequence lengths as computed (padding included) in the micro-batches the sampler made."""
-    order = list(trainer._get_train_sampler())
-    out = []
-    for i in range(0, len(order), BATCH):
-        group = [len(feats[j]["input_ids"]) for j in order[i : i + BATCH]]
-        out += [sum(group)] if packing else [max(group)] * len(group)
-    return out
+    """Each example's length as computed: its own when packed (attention stays within it),
+    its micro-batch's longest when padded."""
+    if packing:
+        return [len(f["input_ids"]) for f in feats]
+    return [length for rows, length in trainer.shapes for _ in range(rows)]
 
 
 def make_rows(n: int, seed: int):
@@ -310,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median counts)")
     p.add_argument("--quick", action="store_true", help="a single round")
-    p.add_argument("--packing", action="store_true", help="also time pad-free packed batches")
+    p.add_argument("--padded", action="store_true", help="also time padded micro-batches")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    from remote.jobs.models import add_lora
+    from remote.jobs.finetune import prepare_model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core this process may use
     hf_logging.set_verbosity_error()
@@ -333,17 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     init = GPT2LMHeadModel(cfg).state_dict()
 
-    def fresh(lora: bool = False):
+    def fresh():
         model = GPT2LMHeadModel(cfg)
         model.load_state_dict(init)
-        return add_lora(model, LORA_RANK, 2 * LORA_RANK) if lora else model
+        return model
 
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
-    names = ["course", "ours", "ours+lora"] + (["ours+packing"] * args.packing)
-    models = {"course": fresh(), "ours": fresh(), "ours+lora": fresh(lora=True)}
-    if args.packing:
-        models["ours+packing"] = fresh()
+    flags = {n: ours_args(f) for n, f, opt in VARIANTS if opt is None or getattr(args, opt)}
+    names = ["course", *flags]
+    models = {"course": fresh(), **{n: prepare_model(fresh(), a) for n, a in flags.items()}}
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     infos: dict[str, list[dict]] = {n: [] for n in names}
     # Interleaved: every variant takes one step on the same 16 examples, round after round,
@@ -355,26 +364,26 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "course":
                     t, info = course_step(models[name], tok, batch, Path(tmp))
                 else:
-                    packing = name == "ours+packing"
-                    t, info = ours_step(models[name], tok, batch, Path(tmp), packing=packing)
+                    t, info = ours_step(models[name], tok, batch, Path(tmp), flags[name])
                 times[name].append(t)
                 infos[name].append(info)
             print(
                 f"round {r + 1} (wall/cpu s): "
                 + ", ".join(f"{n} {times[n][-1][0]:.1f}/{times[n][-1][1]:.1f}" for n in names)
             )
-    report(cfg, peak, names, times, infos, torch.get_num_threads())
+    lora = {n for n, a in flags.items() if a.lora_rank}
+    report(cfg, peak, names, times, infos, torch.get_num_threads(), lora)
     return 0
 
 
-def report(cfg, peak: float, names: list[str], times, infos, threads: int) -> None:
+def report(cfg, peak: float, names: list[str], times, infos, threads: int, lora: set) -> None:
     """Per variant its median round; then the CPU-time and (last) the wall-clock ratios."""
     print("median over rounds, seconds per 16 examples (wall; CPU-seconds of all threads):")
     for n in names:
         walls = [w for w, _ in times[n]]
         r = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]  # the median round
         (wall, cpu), info = times[n][r], infos[n][r]
-        flops = train_flops(cfg, info["seqs"], info["logits"], lora=n == "ours+lora")
+        flops = train_flops(cfg, info["seqs"], info["logits"], lora=n in lora)
         print(
             f"  {n:<13} wall {wall:6.2f} s  {statistics.median(ratios(times, n, 0)):4.1f}x  "
             f"{info['real_tokens'] / wall:6.0f} real tokens/s  {flops / wall / 1e9:6.1f} GFLOP/s "

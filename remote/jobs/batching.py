@@ -17,6 +17,10 @@ changes what is learned:
    packed examples never attend to each other. It pays on GPUs with varlen attention; on CPU
    the bench (bench/train_throughput.py) shows length-grouped padding is faster, so that is the
    default.
+4. ``rebalance`` re-cuts the micro-batches of one optimizer step (same examples, same count)
+   so that long examples share a micro-batch with long ones and short with short, and the step
+   computes the fewest padded tokens. The gradient is a sum over the step's loss tokens, so how
+   they are split does not change it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from itertools import pairwise
 from typing import Any
 
 IGNORE = -100  # label value that carries no loss (the convention of torch and transformers)
@@ -85,17 +91,93 @@ class FlattenBatch:
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        ids, labels, pos = [], [], []
+        ids, labels, pos, bounds = [], [], [], [0]
         for f in features:
             k = len(f["input_ids"])
             ids += f["input_ids"]
             labels += [IGNORE, *f["labels"][1:]]
             pos += range(k)
+            bounds.append(bounds[-1] + k)
+        longest = max(b - a for a, b in pairwise(bounds))
+        cu = torch.tensor(bounds, dtype=torch.int32)
         return {
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([pos]),
+            # Example bounds as flash-attn's varlen kernel and packed_attention read them.
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }
+
+
+PADDED_KEYS = {"input_ids", "attention_mask", "labels"}  # what PadToLongest makes
+
+
+def rebalance(batches: list[dict[str, Any]], pad_id: int) -> list[dict[str, Any]]:
+    """The same examples in as many micro-batches, cut where they waste the least padding.
+
+    The Trainer's length-grouped sampler sorts examples within a mega-batch, but one step's
+    micro-batches of a fixed size still mix a 300-token example with three of 60, each padded
+    to 300. Here the step's examples are sorted by length and split into the same number of
+    contiguous groups, minimising the padded tokens computed; no group is larger (in padded
+    tokens) than the largest micro-batch it replaces, so peak memory does not grow. Anything
+    that is not a right-padded ``PadToLongest`` batch (packed rows, other keys) is returned
+    as it came.
+    """
+    if len(batches) < 2 or any(set(b) != PADDED_KEYS for b in batches):
+        return batches
+    rows = [_unpad(b) for b in batches]
+    examples = sorted((r for rs in rows for r in rs), key=lambda f: len(f["input_ids"]))
+    cap = max(b["input_ids"].numel() for b in batches)
+    cuts = _least_padding_cuts([len(f["input_ids"]) for f in examples], len(batches), cap)
+    if cuts is None:
+        return batches
+    pad = PadToLongest(pad_id)
+    device = batches[0]["input_ids"].device
+    return [
+        {k: v.to(device) for k, v in pad(examples[a:b]).items()}
+        for a, b in zip([0, *cuts], [*cuts, len(examples)], strict=True)
+    ]
+
+
+def _unpad(batch: dict[str, Any]) -> list[dict[str, list[int]]]:
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    return [
+        {"input_ids": i[:k], "labels": lab[:k]}
+        for i, lab, k in zip(ids, labels, lengths, strict=True)
+    ]
+
+
+def _least_padding_cuts(lengths: list[int], groups: int, cap: int) -> list[int] | None:
+    """Cut points splitting ascending ``lengths`` into ``groups`` contiguous non-empty groups
+    with the least sum of (group size x its longest), each at most ``cap``; None if none fits.
+
+    A group's cost is its size times its last (longest) length, so a dynamic programme over
+    (groups used, examples placed) finds the best split exactly: n is one step's examples.
+    """
+    n, inf = len(lengths), float("inf")
+    if groups > n:
+        return None
+    best = [[inf] * (n + 1) for _ in range(groups + 1)]
+    back = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0
+    for g in range(1, groups + 1):
+        for end in range(g, n + 1):
+            for start in range(g - 1, end):
+                size = (end - start) * lengths[end - 1]
+                cost = best[g - 1][start] + size
+                if size <= cap and cost < best[g][end]:
+                    best[g][end], back[g][end] = cost, start
+    if best[groups][n] == inf:
+        return None
+    cuts, end = [], n
+    for g in range(groups, 1, -1):
+        end = back[g][end]
+        cuts.append(end)
+    return cuts[::-1]
 
 
 def loss_positions(labels: Any) -> tuple[Any, Any]:
@@ -123,8 +205,6 @@ def response_loss(
     makes every token weigh the same however the batch was split; without it, the mean over
     this micro-batch. ``reduction="none"`` gives the per-token losses.
     """
-    import torch.nn.functional as F
-
     labels = batch["labels"]
     keep, targets = loss_positions(labels)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -132,9 +212,55 @@ def response_loss(
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     else:  # an architecture without the mask: same result, full-size logits
         logits = model(**inputs, use_cache=False).logits[keep]
-    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    losses = token_cross_entropy(logits.float(), targets)
     if reduction == "none":
         return losses
     if num_items is not None:
         return losses.sum() / num_items
     return losses.sum() / max(targets.numel(), 1)
+
+
+def token_cross_entropy(logits: Any, targets: Any) -> Any:
+    """Per-token cross-entropy of ``logits`` (positions x vocabulary), computed in place.
+
+    The same numbers and gradient as ``F.cross_entropy(..., reduction="none")``, but where that
+    allocates three more positions x 50,257 tensors (log-softmax, and two gradients on the way
+    back), this turns ``logits`` itself into the gradient during the forward pass. On a CPU
+    each of those is a fresh, page-faulted allocation of tens of megabytes per micro-batch: a
+    measurable part of a short step. ``logits`` is consumed: use only the returned losses.
+    """
+    losses, _ = _token_cross_entropy_function().apply(logits, targets)
+    return losses
+
+
+@cache
+def _token_cross_entropy_function() -> Any:
+    """The autograd Function, built on first use (torch is imported late, as everywhere in the
+    jobs, so ``--help`` answers at once)."""
+    import torch
+
+    class TokenCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, targets):
+            rows = torch.arange(len(targets), device=logits.device)
+            picked = logits[rows, targets]
+            top = logits.amax(dim=-1, keepdim=True)
+            logits.sub_(top).exp_()  # softmax, in place: exp(x - max) / sum
+            total = logits.sum(dim=-1, keepdim=True)
+            logits.div_(total)
+            losses = (top + total.log()).squeeze(-1) - picked  # logsumexp - target logit
+            logits[rows, targets] -= 1  # d(loss_i)/d(logits_i) = softmax - one-hot
+            ctx.mark_dirty(logits)
+            ctx.mark_non_differentiable(logits)
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(logits)
+            return losses, logits
+
+        @staticmethod
+        def backward(ctx, grad_losses, _unused):
+            (grad,) = ctx.saved_tensors
+            if grad_losses is None:
+                return None, None
+            return grad.mul_(grad_losses.unsqueeze(-1)), None
+
+    return TokenCrossEntropy

@@ -21,7 +21,9 @@ def optimizer_spec(name: str, lr: float) -> tuple[type, dict[str, Any]]:
     import torch
 
     if name == "adamw":
-        return torch.optim.AdamW, {"lr": lr, "foreach": True}
+        # One fused kernel per parameter group (CPU and CUDA): a third of the foreach
+        # implementation's time on a 2-core machine, same update.
+        return torch.optim.AdamW, {"lr": lr, "fused": True}
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     momentum = 0.0 if name == "sgd" else MOMENTUM

@@ -35,7 +35,7 @@ from remote.jobs import corpus, dist, flags, rundir
 from remote.jobs.batches import TRAIN_STREAM, VAL_STREAM, Prefetcher, Windows, train_keys
 from remote.jobs.errors import Interrupted, JobError
 from remote.jobs.guard import Guard
-from remote.jobs.models import pick_device
+from remote.jobs.models import fuse_gelu, pick_device
 from remote.jobs.signals import StopSignal
 
 # --- defaults: one per line; every field is also a --flag ---------------------------------------
@@ -250,7 +250,14 @@ def _pretrained(name: str, kind: str, **kwargs):
 
 
 def build_model(c: Config, vocab_size: int, eos: int, model_args: dict | None = None):
-    """From the checkpoint's own config, from pretrained weights, or fresh from the flags."""
+    """From the checkpoint's own config, from pretrained weights, or fresh from the flags;
+    GELU in one kernel (models.fuse_gelu)."""
+    model = _build_model(c, vocab_size, eos, model_args)
+    fuse_gelu(model)
+    return model
+
+
+def _build_model(c: Config, vocab_size: int, eos: int, model_args: dict | None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if model_args is not None:

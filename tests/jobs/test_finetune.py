@@ -57,6 +57,7 @@ def test_loss_falls_and_run_dir_is_complete(sft_run):
     val = [r["val_loss"] for r in rundir.read_metrics(path / "metrics.jsonl") if "val_loss" in r]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5 and len(val) >= 2 and val[-1] < val[0]
     assert all(r["tokens_per_s"] > 0 for r in train[1:])
+    assert meta["batching"] == "packed" and meta["precision"] == "fp32"  # the CPU defaults
     for f in ("loss.png", "manifest.sha256", "model/model.safetensors"):
         assert (path / f).is_file(), f
     assert not (path / rundir.TRAINER_CHECKPOINTS).exists()
@@ -101,6 +102,33 @@ def test_user_errors_stop_before_any_run_dir(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "this run needs about" in err and "0.01 GiB" in err and "Traceback" not in err
     assert not runs.exists()
+
+
+def test_padded_batching_and_bf16_train_too(tiny_model_dir, tmp_path):
+    # The alternatives to the defaults: padded micro-batches (re-cut for the least padding) and
+    # mixed bf16 on a CPU. Loss still falls; run.json says which ran.
+    data = write_data(tmp_path / "data.jsonl", 24)
+    extra = ("--max-steps", "8", "--lr", "3e-3", "--logging-steps", "1", "--grad-accum", "2")
+    args = argv(tiny_model_dir, data, tmp_path, "p", "--batching", "padded",
+                "--precision", "bf16", *extra)  # fmt: skip
+    assert finetune.main(args) == 0
+    meta = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert meta["batching"] == "padded" and meta["precision"] == "bf16"
+    loss = [r["loss"] for r in rundir.read_metrics(tmp_path / "p" / "metrics.jsonl") if "loss" in r]
+    assert loss[-1] < loss[0]
+
+
+def test_precision_flag_maps_to_the_trainer(tiny_model_dir, tmp_path):
+    from remote.jobs.errors import JobError
+
+    def targs(*flags, device="cpu"):
+        args = finetune.parse_args(["--model", str(tiny_model_dir), *flags])
+        return finetune.common_arguments(args, tmp_path, finetune.schedule(args, 8, 1), device)
+
+    assert not targs()["bf16"] and not targs()["fp16"]  # auto on a CPU: fp32, as the course
+    assert targs("--precision", "bf16")["bf16"] and not targs("--precision", "bf16")["fp16"]
+    with pytest.raises(JobError, match="fp16 needs a GPU"):
+        targs("--precision", "fp16")
 
 
 def test_lora_merges_into_a_plain_gpt2(tiny_model_dir, tmp_path):
@@ -190,6 +218,7 @@ def test_optimizer_flag_builds_that_optimizer_with_the_lr(tiny_model_dir, tmp_pa
     trainer, _, _ = dpo.build_trainer(args, None, Dist(), [])
     for opt in (sft.create_optimizer(), trainer.create_optimizer()):
         assert type(opt).__name__ == ("AdamW" if name == "adamw" else "SGD")
+        assert opt.defaults.get("fused") is (True if name == "adamw" else None)
         assert opt.defaults["lr"] == 0.0123
         if name != "adamw":
             assert opt.defaults["momentum"] == (0.0 if name == "sgd" else 0.9)

@@ -9,6 +9,7 @@ from remote.jobs.batching import (
     IGNORE,
     FlattenBatch,
     PadToLongest,
+    rebalance,
     response_loss,
     tokenize_examples,
 )
@@ -71,6 +72,46 @@ def test_padded_and_packed_batches_give_each_example_its_own_loss(tiny):
     assert FlattenBatch()(feats)["position_ids"][0].tolist().count(0) == len(feats)
 
 
+def test_packed_attention_keeps_each_example_to_itself(tiny_model_dir, tiny, tmp_path):
+    # Per-example SDPA on packed rows (the default batching) gives every example exactly the
+    # loss it has alone, as transformers' block-diagonal mask does.
+    from transformers import AutoModelForCausalLM
+
+    from remote.jobs.packed_attention import NAME, use_packed_attention
+
+    tok, _ = tiny
+    _, feats = features(tok)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        pad = PadToLongest(tok.eos_token_id)
+        alone = torch.cat([response_loss(model, pad([f]), reduction="none") for f in feats])
+        assert use_packed_attention(model) and model.config._attn_implementation == NAME
+        batch = FlattenBatch()(feats)
+        bounds = [0, *torch.tensor([len(f["input_ids"]) for f in feats]).cumsum(0).tolist()]
+        assert batch["cu_seq_lens_q"].tolist() == bounds
+        assert batch["max_length_q"] == max(len(f["input_ids"]) for f in feats)
+        packed = response_loss(model, batch, reduction="none")
+    assert torch.allclose(packed, alone, atol=1e-5)
+    model.save_pretrained(tmp_path)  # the runtime choice is not saved: loads as a plain model
+    assert NAME not in (tmp_path / "config.json").read_text()
+
+
+def test_packed_attention_matches_a_block_diagonal_mask():
+    from torch.nn import functional as F
+
+    from remote.jobs.packed_attention import packed_sdpa_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))
+    bounds = torch.tensor([0, 2, 7, 9], dtype=torch.int32)
+    seg = torch.repeat_interleave(torch.arange(3), torch.diff(bounds))
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(9, 9, dtype=torch.bool).tril()
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2)
+    out, _ = packed_sdpa_attention(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=bounds)
+    assert out.shape == (1, 9, 2, 4)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
 def test_lm_head_on_loss_positions_equals_full_logits_loss(tiny):
     tok, model = tiny
     _, feats = features(tok)
@@ -81,3 +122,96 @@ def test_lm_head_on_loss_positions_equals_full_logits_loss(tiny):
     ours.backward()  # and it trains: gradients reach the embeddings through lm_head
     assert model.transformer.wte.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def _feature(n: int, seed: int) -> dict[str, list[int]]:
+    ids = [(seed * 7 + i) % 50 + 1 for i in range(n)]
+    return {"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3 :]}
+
+
+def test_rebalance_keeps_every_example_and_cuts_padding():
+    # The trainer's fixed micro-batches of 4: a 300-token example pads three short ones to 300.
+    lengths = [31, 43, 47, 56, 61, 67, 72, 73, 81, 95, 108, 119, 136, 159, 183, 302]
+    feats = [_feature(n, i) for i, n in enumerate(lengths)]
+    order = [15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    before = [PadToLongest(0)([feats[j] for j in order[i : i + 4]]) for i in range(0, 16, 4)]
+    after = rebalance(before, pad_id=0)
+    assert len(after) == len(before)
+    padded = [b["input_ids"].numel() for b in after]
+    assert sum(padded) < 0.8 * sum(b["input_ids"].numel() for b in before)
+    assert max(padded) <= max(b["input_ids"].numel() for b in before)  # no more memory
+    seen = sorted(
+        (ids[: int(m.sum())].tolist(), lab[: int(m.sum())].tolist())
+        for b in after
+        for ids, m, lab in zip(b["input_ids"], b["attention_mask"], b["labels"], strict=True)
+    )
+    assert seen == sorted((f["input_ids"], f["labels"]) for f in feats)
+    for b in after:  # still right-padded with IGNORE labels where the mask is 0
+        assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
+
+
+def _padded(lengths: list[int], cuts: list[int]) -> int:
+    bounds = zip([0, *cuts], [*cuts, len(lengths)], strict=True)
+    return sum((b - a) * lengths[b - 1] for a, b in bounds)
+
+
+def test_rebalance_finds_the_least_padding_split():
+    # Exhaustive check on small cases: no contiguous split of the sorted lengths does better.
+    import itertools
+    import random
+
+    from remote.jobs.batching import _least_padding_cuts
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = sorted(rng.randint(1, 300) for _ in range(rng.randint(3, 9)))
+        groups = rng.randint(2, len(lengths))
+        splits = itertools.combinations(range(1, len(lengths)), groups - 1)
+        best = min(_padded(lengths, list(c)) for c in splits)
+        assert _padded(lengths, _least_padding_cuts(lengths, groups, cap=10**9)) == best
+    assert _least_padding_cuts([5, 5, 100], 2, cap=50) is None  # nothing fits: caller keeps
+
+
+def test_rebalanced_step_gives_the_same_gradient(tiny):
+    tok, model = tiny
+    _, feats = features(tok)
+    feats = feats + [_feature(9, 1), _feature(60, 2), _feature(12, 3)]
+    before = [PadToLongest(tok.eos_token_id)(feats[i : i + 2]) for i in range(0, 6, 2)]
+    after = rebalance(before, tok.eos_token_id)
+    assert [b["input_ids"].shape for b in after] != [b["input_ids"].shape for b in before]
+    items = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in before)
+
+    def grads(batches):
+        model.zero_grad()
+        for b in batches:
+            response_loss(model, b, items).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    assert torch.allclose(grads(before), grads(after), atol=1e-6)
+    model.zero_grad()
+
+
+def test_rebalance_leaves_packed_and_single_batches_alone():
+    feats = [_feature(n, n) for n in (5, 9, 30, 7)]
+    packed = [FlattenBatch()(feats[:2]), FlattenBatch()(feats[2:])]
+    assert rebalance(packed, 0) is packed
+    single = [PadToLongest(0)(feats)]
+    assert rebalance(single, 0) is single
+
+
+def test_in_place_cross_entropy_matches_torch():
+    import torch.nn.functional as F
+
+    from remote.jobs.batching import token_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    targets, weights = torch.randint(0, 40, (9,)), torch.rand(9, dtype=torch.float64)
+    expected = F.cross_entropy(h @ w.t(), targets, reduction="none")
+    want = torch.autograd.grad((expected * weights).sum(), (h, w))
+    losses = token_cross_entropy(h @ w.t(), targets)
+    got = torch.autograd.grad((losses * weights).sum(), (h, w))
+    assert torch.allclose(losses, expected, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
