@@ -49,6 +49,7 @@ VARIANTS = [  # ours: (name, remote.jobs.finetune flags beyond its defaults, ben
     ("ours", [], None),
     ("ours+lora", ["--lora-rank", str(LORA_RANK)], None),
     ("ours padded", ["--batching", "padded"], "padded"),
+    ("ours bf16", ["--precision", "bf16"], "bf16"),
 ]
 TOKENIZER_VOCAB = 8192  # offline BPE size when GPT-2's own tokenizer is not cached
 WORDS_TEXT = (  # a fallback vocabulary when no shipped data is present
@@ -152,12 +153,12 @@ def length_stats(name: str, lengths: list[int], extra: str = "") -> None:
     )
 
 
-def matmul_peak_gflops(seconds: float = 3.0) -> float:
-    """Best fp32 GEMM rate per CPU-second of all threads, times the thread count: what this
+def matmul_peak_gflops(seconds: float = 3.0, dtype: str = "float32") -> float:
+    """Best GEMM rate per CPU-second of all threads, times the thread count: what this
     machine's cores deliver when they are ours alone (the ceiling for the rates below)."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = (torch.randn(2048, 2048, dtype=getattr(torch, dtype)) for _ in range(2))
     best, end = 0.0, time.perf_counter() + seconds
     torch.mm(a, b)
     while time.perf_counter() < end:
@@ -212,6 +213,7 @@ def course_step(model, tok, rows, out: Path) -> tuple[float, dict]:
     """One optimizer step of the course recipe on ``rows`` (16 examples)."""
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     enc = tok(course_texts(rows), padding="max_length", truncation=True,
               max_length=COURSE_MAX_LENGTH)  # fmt: skip
@@ -228,13 +230,15 @@ def course_step(model, tok, rows, out: Path) -> tuple[float, dict]:
         seed=0,
     )
     timer = StepTimer()
-    Trainer(
+    trainer = Trainer(
         model=model,
         args=targs,
         train_dataset=Dataset.from_dict(dict(enc)),
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         callbacks=[timer.callback],
-    ).train()
+    )
+    trainer.remove_callback(PrinterCallback)  # its end-of-train dict on every step
+    trainer.train()
     seqs = [COURSE_MAX_LENGTH] * len(rows)
     real = sum(sum(m) for m in enc["attention_mask"])
     return timer.steps[0], {"real_tokens": real, "seqs": seqs, "logits": sum(seqs)}
@@ -250,6 +254,8 @@ def ours_args(flags: list[str]):
 def ours_step(model, tok, rows, out: Path, args) -> tuple[float, dict]:
     """One optimizer step of remote.jobs.finetune's Trainer on the same 16 examples, the model
     prepared by finetune.prepare_model as a real run's is."""
+    from transformers.trainer_callback import PrinterCallback
+
     from remote.jobs import finetune
     from remote.jobs.batching import tokenize_examples
     from remote.jobs.presets import format_instruction
@@ -270,6 +276,7 @@ def ours_step(model, tok, rows, out: Path, args) -> tuple[float, dict]:
     trainer = finetune.make_trainer(
         model, tok, feats, [], targs, packing=packing, callbacks=[timer.callback]
     )
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     info = {
         "real_tokens": sum(len(f["input_ids"]) for f in feats),
@@ -321,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median counts)")
     p.add_argument("--quick", action="store_true", help="a single round")
     p.add_argument("--padded", action="store_true", help="also time padded micro-batches")
+    p.add_argument("--bf16", action="store_true", help="also time ours in mixed bf16")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
@@ -350,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
 
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
+    peaks = {n: peak for n, _, _ in [("course", [], None), *VARIANTS]}
+    if args.bf16:
+        peaks["ours bf16"] = matmul_peak_gflops(dtype="bfloat16")
+        print(f"bf16 matmul peak: {peaks['ours bf16']:.1f} GFLOP/s (for ours bf16)")
     flags = {n: ours_args(f) for n, f, opt in VARIANTS if opt is None or getattr(args, opt)}
     names = ["course", *flags]
     models = {"course": fresh(), **{n: prepare_model(fresh(), a) for n, a in flags.items()}}
@@ -372,11 +384,11 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join(f"{n} {times[n][-1][0]:.1f}/{times[n][-1][1]:.1f}" for n in names)
             )
     lora = {n for n, a in flags.items() if a.lora_rank}
-    report(cfg, peak, names, times, infos, torch.get_num_threads(), lora)
+    report(cfg, peaks, names, times, infos, torch.get_num_threads(), lora)
     return 0
 
 
-def report(cfg, peak: float, names: list[str], times, infos, threads: int, lora: set) -> None:
+def report(cfg, peaks: dict, names: list[str], times, infos, threads: int, lora: set) -> None:
     """Per variant its median round; then the CPU-time and (last) the wall-clock ratios."""
     print("median over rounds, seconds per 16 examples (wall; CPU-seconds of all threads):")
     for n in names:
@@ -387,7 +399,7 @@ def report(cfg, peak: float, names: list[str], times, infos, threads: int, lora:
         print(
             f"  {n:<13} wall {wall:6.2f} s  {statistics.median(ratios(times, n, 0)):4.1f}x  "
             f"{info['real_tokens'] / wall:6.0f} real tokens/s  {flops / wall / 1e9:6.1f} GFLOP/s "
-            f"({flops / wall / 1e9 / peak:.0%} of peak)  cpu {cpu:6.1f} s ({cpu / threads:.2f} "
+            f"({flops / wall / 1e9 / peaks[n]:.0%} of peak)  cpu {cpu:6.1f} s ({cpu / threads:.2f} "
             f"s a thread)"
         )
     full, lora = (statistics.median(ratios(times, n, 1)) for n in ("ours", "ours+lora"))

@@ -4,23 +4,24 @@
     batch = PadToLongest(pad_id)(feats[:4])          # or FlattenBatch()(feats[:4])
     loss = response_loss(model, batch)               # lm_head only where a label is
 
-Three things make fine-tuning here several times faster than the course recipe, none of which
-changes what is learned:
+What makes fine-tuning here several times faster than the course recipe, none of which changes
+what is learned (bench/train_throughput.py measures it):
 
-1. Micro-batches are padded to their own longest example, not to a fixed 256, and the Trainer's
-   length-grouped sampler puts examples of similar length together, so little padding is left.
+1. ``FlattenBatch`` (the default) packs a micro-batch's examples end to end in one row with no
+   padding at all; ``position_ids`` restart at 0 for every example, and packed_attention.py runs
+   attention once per example (the bounds travel as ``cu_seq_lens_q``), so packed examples never
+   attend to each other and no block-diagonal mask is ever computed.
 2. The prompt carries label -100 (no loss), and so does padding; ``response_loss`` runs the
    vocabulary projection (lm_head: n_embd x 50,257 for GPT-2, as big as 4 transformer layers)
-   only at positions whose next token carries loss, via ``logits_to_keep`` given a boolean mask.
-3. ``FlattenBatch`` packs a micro-batch into one row with no padding at all; ``position_ids``
-   restart at 0 for every example and transformers builds a block-diagonal mask from them, so
-   packed examples never attend to each other. It pays on GPUs with varlen attention; on CPU
-   the bench (bench/train_throughput.py) shows length-grouped padding is faster, so that is the
-   default.
-4. ``rebalance`` re-cuts the micro-batches of one optimizer step (same examples, same count)
-   so that long examples share a micro-batch with long ones and short with short, and the step
-   computes the fewest padded tokens. The gradient is a sum over the step's loss tokens, so how
-   they are split does not change it.
+   only at positions whose next token carries loss, via ``logits_to_keep`` given a boolean mask,
+   and ``token_cross_entropy`` turns those logits into their own gradient in place instead of
+   allocating three more tensors of that size.
+3. ``PadToLongest`` (``--batching padded``) pads a micro-batch to its own longest example, not
+   to a fixed 256, after the Trainer's length-grouped sampler has put similar lengths together;
+   ``rebalance`` then re-cuts one optimizer step's micro-batches (same examples, same count) so
+   long examples share a micro-batch with long ones and the step computes the fewest padded
+   tokens. The gradient is a sum over the step's loss tokens, so how they are split does not
+   change it.
 """
 
 from __future__ import annotations
