@@ -131,6 +131,16 @@ def test_precision_flag_maps_to_the_trainer(tiny_model_dir, tmp_path):
         targs("--precision", "fp16")
 
 
+def test_bf16_hint_follows_the_cpu_flags(sft_run):
+    from pathlib import Path
+
+    flags = Path("/proc/cpuinfo").read_text().split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert finetune.cpu_bf16_native() is native
+    log = (sft_run[0] / "train.log").read_text()
+    assert ("--precision bf16 trains" in log) is native  # told only where it would pay
+
+
 def test_lora_merges_into_a_plain_gpt2(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
