@@ -74,11 +74,45 @@ def register() -> None:
 
 
 def use_packed_attention(model: Any) -> bool:
-    """Switch ``model`` to per-example attention on packed rows; False (model unchanged) for an
-    architecture that cannot take a custom attention function."""
+    """Switch ``model`` to per-example attention on packed rows, if it keeps packed examples
+    apart that way; otherwise leave it as it was and return False (the caller pads instead).
+
+    Some architectures ignore a custom attention function (transformers warns and keeps its
+    own), and one that took it but never received the example bounds would let packed examples
+    attend to each other. So the answer comes from the model itself: a short probe, two
+    sequences alone and packed, must give the same logits.
+    """
     register()
+    before = model.config._attn_implementation
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, AttributeError, NotImplementedError):
         return False
-    return True
+    if model.config._attn_implementation == NAME and keeps_examples_apart(model):
+        return True
+    model.set_attn_implementation(before)
+    return False
+
+
+def keeps_examples_apart(model: Any, lengths: tuple[int, ...] = (3, 5)) -> bool:
+    """Whether ``model`` gives each example in a packed row the logits it has alone."""
+    import torch
+
+    from remote.jobs.batching import FlattenBatch
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    packed = FlattenBatch()([{"input_ids": s, "labels": s} for s in seqs])
+    packed.pop("labels")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = [model(torch.tensor([s], device=device)).logits[0] for s in seqs]
+            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in packed.items()}
+            together = model(**inputs).logits[0]
+    finally:
+        model.train(was_training)
+    return torch.allclose(torch.cat(alone), together, atol=1e-4, rtol=1e-3)

@@ -96,6 +96,32 @@ def test_packed_attention_keeps_each_example_to_itself(tiny_model_dir, tiny, tmp
     assert NAME not in (tmp_path / "config.json").read_text()
 
 
+def test_packed_attention_only_where_the_model_keeps_examples_apart(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from remote.jobs import packed_attention
+
+    # GPT-Neo keeps its own attention (transformers only warns): no switch, no claim.
+    shape = {"vocab_size": 60, "hidden_size": 32, "num_layers": 2, "num_heads": 2}
+    neo = GPTNeoForCausalLM(GPTNeoConfig(**shape, attention_types=[[["global"], 2]]))
+    before = neo.config._attn_implementation
+    assert packed_attention.use_packed_attention(neo) is False
+    assert neo.config._attn_implementation == before
+
+    # An attention that ignores the example bounds lets packed examples see each other: the
+    # probe catches it and the model is left as it was.
+    def leaky(module, q, k, v, mask, dropout=0.0, scaling=None, **kwargs):
+        return sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling)
+
+    monkeypatch.setattr(packed_attention, "packed_sdpa_attention", leaky)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert packed_attention.use_packed_attention(model) is False
+    assert model.config._attn_implementation != packed_attention.NAME
+    monkeypatch.undo()
+    packed_attention.register()  # the real function again, for every later model
+
+
 def test_packed_attention_matches_a_block_diagonal_mask():
     from torch.nn import functional as F
 
