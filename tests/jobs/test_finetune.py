@@ -118,6 +118,30 @@ def test_padded_batching_and_bf16_train_too(tiny_model_dir, tmp_path):
     assert loss[-1] < loss[0]
 
 
+def test_gpt_neo_base_trains_through_the_same_flags(tiny_model_dir, tmp_path):
+    # The course's Part 3 base. GPT-Neo keeps its own attention, so the job pads instead of
+    # packing (and says so); the result is a plain GPT-Neo directory.
+    import shutil
+
+    from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
+
+    neo_dir = tmp_path / "neo"
+    weights = shutil.ignore_patterns("*.safetensors", "config.json")
+    shutil.copytree(tiny_model_dir, neo_dir, ignore=weights)  # the tokenizer, chat template
+    vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    config = GPTNeoConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=2,
+                          attention_types=[[["global", "local"], 1]], window_size=16,
+                          max_position_embeddings=256)  # fmt: skip
+    GPTNeoForCausalLM(config).save_pretrained(neo_dir)
+    data = write_data(tmp_path / "data.jsonl", 16)
+    args = argv(neo_dir, data, tmp_path, "neo", "--max-steps", "4", "--lr", "3e-3")
+    assert finetune.main(args) == 0
+    meta = json.loads((tmp_path / "neo" / "run.json").read_text())
+    assert meta["status"] == rundir.COMPLETED and meta["batching"] == "padded"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "neo" / "model")
+    assert type(model).__name__ == "GPTNeoForCausalLM"
+
+
 def test_precision_flag_maps_to_the_trainer(tiny_model_dir, tmp_path):
     from remote.jobs.errors import JobError
 
