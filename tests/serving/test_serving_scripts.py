@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -148,6 +149,11 @@ def test_prompt_sh_errors_are_clear(cli_server, tmp_path):
 FAKE_DOCKER = """#!/usr/bin/env bash
 # Records each call as a JSON line, and the --env-file contents if any; plays a healthy daemon.
 python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$FAKE_DOCKER_LOG"
+prev=""
+for arg in "$@"; do  # keep the env file docker was given: what TGI's environment gets
+  if [ "$prev" = --env-file ]; then cat "$arg" > "$FAKE_DOCKER_LOG.env"; fi
+  prev=$arg
+done
 case "$1" in
   info) exit 0 ;;
   container) exit 1 ;;  # no earlier container
@@ -215,8 +221,11 @@ def test_launch_script_runs_tgi_with_every_flag(cli_server, tmp_path, odd_model_
         ("--max-total-tokens", "256"),
         ("--cors-allow-origin", "null"),
         ("--cors-allow-origin", "http://chat.example:8000"),
-        ("--api-key", KEY),
     } <= targs
+    # The key goes to TGI as its API_KEY environment variable, never on a command line.
+    assert "--env-file" in docker_opts and not any(KEY in arg for arg in run)
+    assert (tmp_path / "docker.log.env").read_text() == f"API_KEY={KEY}\n"
+    assert not Path(run[run.index("--env-file") + 1]).exists()  # removed once docker has it
     assert "--disable-custom-kernels" in tgi_args
     assert not (tmp_path / "PWNED").exists() and (tmp_path / "tgi-data").is_dir()
 
