@@ -7,6 +7,7 @@ context, so localStorage starts empty. Screenshots land in test-artifacts/web/.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, build_tiny_model, free_port
 
 from remote.jobs.prompts import PROMPT_FORMAT
+from serving import constants as C
 from web.render import render_chat_page
 
 pytestmark = pytest.mark.slow
@@ -36,12 +38,12 @@ SAMPLING = {"temperature": 1, "top_k": 0, "top_p": 1, "repetition_penalty": 1}
 # --- the real server and the real browser -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
+@contextlib.contextmanager
+def running_server(model_dir: Path, *extra: str):
     """The real native server on a free port, one thread (the machine is shared)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "serving.server", "--model", str(tiny_model_dir)]
+    cmd = [sys.executable, "-m", "serving.server", "--model", str(model_dir), *extra]
     cmd += ["--port", str(port), "--api-key", API_KEY, "--cors-origin", "null", "--threads", "1"]
     env = {**os.environ, "TINYCLOUD_API_KEY": ""}
     proc = subprocess.Popen(
@@ -57,6 +59,12 @@ def server(tiny_model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with running_server(tiny_model_dir) as base:
+        yield base
 
 
 def _wait_healthy(proc: subprocess.Popen, base: str, timeout: float = 90) -> None:
@@ -430,6 +438,7 @@ def test_csp_blocks_injected_script_and_other_hosts(open_chat):
 
 def _server_error(base: str, body: dict, key: str = API_KEY) -> tuple[int, str]:
     res = httpx.post(f"{base}/generate_stream", json=body, headers=_auth(key))
+    assert res.status_code >= 400, f"expected an error, got {res.status_code}: {res.text[:200]}"
     return res.status_code, res.json()["error"]
 
 
@@ -477,6 +486,49 @@ def test_invalid_setting_shows_the_422_message(server, open_chat):
     assert status == 422
     assert message in chat.page.text_content("#error")
     assert chat.page.is_enabled("#send")
+
+
+@pytest.fixture(scope="module")
+def busy_server(tmp_path_factory):
+    """One slot and no queue, on a tiny model with a long context: a single long greedy
+    generation keeps it busy for seconds, so the next request gets the server's 429."""
+    model = build_tiny_model(tmp_path_factory.mktemp("long") / "model", n_positions=8192)
+    with running_server(model, "--max-batch-size", "1", "--max-queued", "0") as base:
+        yield base
+
+
+def _endless_prompt(base: str) -> str:
+    """A prompt the random model answers greedily without reaching EOS: greedy output falls
+    into a loop, and one whose loop holds no EOS runs to max_new_tokens."""
+    for prompt in ("hold", "wait", "busy", "the", "a b c", "zz"):
+        params = {"max_new_tokens": 300, "do_sample": False, "details": True}
+        res = httpx.post(f"{base}/generate", json={"inputs": prompt, "parameters": params},
+                         headers=_auth(), timeout=60)  # fmt: skip
+        if res.json()["details"]["finish_reason"] == "length":
+            return prompt
+    pytest.fail("every prompt reached EOS on the random model: change busy_server's seed")
+
+
+def test_busy_server_shows_the_429_message(busy_server, open_chat):
+    chat = open_chat(busy_server)
+    chat.wait_online()
+    params = {"max_new_tokens": 8000, "do_sample": False}  # seconds of work for the one slot
+    hold = {"inputs": _endless_prompt(busy_server), "parameters": params}
+    url = f"{busy_server}/generate_stream"
+    with httpx.stream("POST", url, json=hold, headers=_auth(), timeout=120) as held:
+        assert held.status_code == 200, held.read()
+        lines = held.iter_lines()  # kept: a dropped iterator closes the stream, freeing the slot
+        next(lines)  # its first token has come: the one slot is taken
+        status, message = _server_error(busy_server, {"inputs": "x"})  # the server's own words
+        assert status == 429
+        chat.send("Hello?")
+        chat.wait("document.getElementById('error').textContent.includes('429')")
+    shown = chat.page.text_content("#error")
+    assert shown.startswith("The server answered 429") and message in shown
+    assert f"The server is busy; try again in {C.RETRY_AFTER_S} s." in shown  # Retry-After
+    assert chat.page.input_value("#input") == "Hello?"  # the message is given back
+    assert chat.page.is_enabled("#send")
+    assert chat.page.eval_on_selector_all("#log .msg", "els => els.length") == 0
 
 
 def test_unreachable_server_is_named(open_chat):
