@@ -65,7 +65,7 @@ def all_reduce_mean(value: float, d: Dist) -> float:
     import torch
     import torch.distributed as tdist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
     tdist.all_reduce(t)
     return float(t.item()) / d.world_size
 
@@ -77,9 +77,23 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     import torch
     import torch.distributed as tdist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
     tdist.all_reduce(t)
     return [float(v) for v in t.tolist()]
+
+
+def _device() -> str:
+    """Where a collective's tensor must live: NCCL reduces CUDA tensors only."""
+    import torch
+    import torch.distributed as tdist
+
+    return f"cuda:{torch.cuda.current_device()}" if tdist.get_backend() == "nccl" else "cpu"
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """Whether ``flag`` holds on any rank, the same answer on every rank (a stop request that
+    reached one process, say, so that all stop at the same point)."""
+    return all_reduce_sum([float(flag)], d)[0] > 0
 
 
 def broadcast_object(obj: Any, d: Dist) -> Any:

@@ -38,6 +38,7 @@ import html
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -330,9 +331,15 @@ def evaluate_model(
     d, run, stop, done = ctx["dist"], ctx["run"], ctx["stop"], ctx["done"]
     model, tok = load_lm(source, pick_device(c.device, d.local_rank))
     mine: list[Answer | None] = [None] * len(prompts)
-    for i in range(d.rank, len(prompts), d.world_size):
-        if stop.signum:  # the answers so far are in report.jsonl: --resume skips them
-            raise Interrupted(stop.signum)
+    for first in range(0, len(prompts), d.world_size):
+        # Every rank takes the same number of turns and asks the others each time, so a signal
+        # that reached one rank stops them all here (none left waiting in a collective). The
+        # answers so far are in report.jsonl: --resume skips them.
+        if distlib.any_rank(stop.signum != 0, d):
+            raise Interrupted(stop.signum or signal.SIGTERM)
+        i = first + d.rank
+        if i >= len(prompts):
+            continue
         a = done.get((label, i))
         if a is None:
             text = prompts[i].render(c.raw_prompts)

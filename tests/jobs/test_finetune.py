@@ -309,6 +309,52 @@ def test_finetune_and_evaluate_run_under_torchrun(tiny_model_dir, tmp_path):
     assert answers("ev2") == answers("ev1") and len(answers("ev1")) == 6
 
 
+@pytest.mark.slow
+def test_evaluate_signal_to_one_rank_stops_both(tiny_model_dir, tmp_path):
+    # SIGTERM that reaches one torchrun worker only (not the whole group, as fab cancel
+    # sends): both ranks stop, rank 0 records the run as interrupted (resumable, what was
+    # answered kept), and nothing is left waiting in a collective.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Say something about {i}.\n" for i in range(200)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "remote.jobs.evaluate", "--model", str(tiny_model_dir), "--prompts",
+           str(prompts), "--max-new-tokens", "24", "--runs-dir", str(tmp_path), "--name", "ev",
+           "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        report = tmp_path / "ev" / "report.jsonl"
+        deadline = time.monotonic() + 120
+        while not (report.exists() and len(report.read_text().splitlines()) >= 4):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    meta = json.loads((tmp_path / "ev" / "run.json").read_text())
+    assert meta["status"] == rundir.INTERRUPTED, proc.stderr.read()[-2000:]
+    assert 4 <= len(report.read_text().splitlines()) < 200  # what was answered is kept
+
+
+def worker_pid(parent: int, rank: int) -> int:
+    """The torchrun worker (a child of ``parent``) whose RANK is ``rank``, from /proc."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no torchrun worker with RANK={rank} under {parent}")
+
+
 def test_dropout_flag_sets_every_dropout_module(tiny_model_dir):
     from torch import nn
 
