@@ -106,8 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=PRECISIONS,
         default=PRECISION,
-        help="auto (default): mixed bf16 "
-        "on GPUs, fp32 on CPUs; bf16 on a CPU with AVX512-BF16 or AMX trains ~1.6x faster",
+        help="auto (default): mixed bf16 on GPUs, fp32 on CPUs; "
+        "bf16 on a CPU with AVX512-BF16 or AMX trains ~1.6x faster",
     )
     a("--lora-rank", type=int, default=LORA_RANK, help="LoRA rank; 0 = full fine-tuning")
     a("--lora-alpha", type=int, default=LORA_ALPHA, help="LoRA alpha (default 2 x rank)")
@@ -115,8 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batching",
         choices=BATCHINGS,
         default=BATCHING,
-        help="packed (default): examples end to "
-        "end, no padding; padded: each micro-batch padded to its longest",
+        help="packed (default): examples end to end, no padding; "
+        "padded: each micro-batch padded to its longest",
     )
     a("--logging-steps", type=int, default=LOGGING_STEPS)
     a("--eval-steps", type=int, default=EVAL_STEPS)
