@@ -13,7 +13,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +119,48 @@ TINY_TEXT = (
     "Fine-tuning teaches it a format, and the end-of-text token teaches it to stop. "
     "The quick brown fox jumps over the lazy dog; 0123456789 and punctuation, too! "
 )
+
+
+def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: float = 90) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not become healthy in {timeout}s")
+
+
+def start_subprocess_server(
+    args: list[str], port: int, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``python -m serving.server`` exactly as a user runs it (the serving and web tests)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--port", str(port), "--threads", "1", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_health(f"http://127.0.0.1:{port}", proc)
+    return proc
+
+
+def stop_subprocess_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def tiny_texts() -> list[str]:

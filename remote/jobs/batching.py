@@ -99,7 +99,7 @@ class FlattenBatch:
             labels += [IGNORE, *f["labels"][1:]]
             pos += range(k)
             bounds.append(bounds[-1] + k)
-        longest = max(b - a for a, b in pairwise(bounds))
+        longest = max(len(f["input_ids"]) for f in features)
         cu = torch.tensor(bounds, dtype=torch.int32)
         return {
             "input_ids": torch.tensor([ids]),
@@ -139,7 +139,7 @@ def rebalance(batches: list[dict[str, Any]], pad_id: int) -> list[dict[str, Any]
     device = batches[0]["input_ids"].device
     return [
         {k: v.to(device) for k, v in pad(examples[a:b]).items()}
-        for a, b in zip([0, *cuts], [*cuts, len(examples)], strict=True)
+        for a, b in pairwise([0, *cuts, len(examples)])
     ]
 
 

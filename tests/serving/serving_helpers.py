@@ -7,57 +7,17 @@ a conftest.py so ``from conftest import ...`` elsewhere in the suite is never sh
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for_health(url: str, proc: subprocess.Popen | None = None, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become healthy in {timeout}s")
-
-
-def start_subprocess_server(
-    args: list[str], port: int, env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    """``python -m serving.server`` exactly as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--port", str(port), "--threads", "1", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_health(f"http://127.0.0.1:{port}", proc)
-    return proc
-
-
-def stop_subprocess_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+from conftest import (  # noqa: F401  (re-exported for the serving tests)
+    ROOT,
+    start_subprocess_server,
+    stop_subprocess_server,
+    wait_for_health,
+)
 
 
 class ThreadServer:

@@ -10,16 +10,20 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, build_tiny_model, free_port
+from conftest import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    build_tiny_model,
+    free_port,
+    start_subprocess_server,
+    stop_subprocess_server,
+)
 
 from remote.jobs.prompts import PROMPT_FORMAT
 from serving import constants as C
@@ -42,43 +46,18 @@ SAMPLING = {"temperature": 1, "top_k": 0, "top_p": 1, "repetition_penalty": 1}
 def running_server(model_dir: Path, *extra: str):
     """The real native server on a free port, one thread (the machine is shared)."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "serving.server", "--model", str(model_dir), *extra]
-    cmd += ["--port", str(port), "--api-key", API_KEY, "--cors-origin", "null", "--threads", "1"]
-    env = {**os.environ, "TINYCLOUD_API_KEY": ""}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    args = ["--model", str(model_dir), *extra, "--api-key", API_KEY, "--cors-origin", "null"]
+    proc = start_subprocess_server(args, port, {"TINYCLOUD_API_KEY": ""})
     try:
-        _wait_healthy(proc, base)
-        yield base
+        yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_subprocess_server(proc)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     with running_server(tiny_model_dir) as base:
         yield base
-
-
-def _wait_healthy(proc: subprocess.Popen, base: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serving.server exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", headers=_auth(), timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"serving.server did not answer /health within {timeout} s")
 
 
 def _auth(key: str = API_KEY) -> dict[str, str]:
