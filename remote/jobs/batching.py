@@ -14,8 +14,8 @@ what is learned (bench/train_throughput.py measures it):
 2. The prompt carries label -100 (no loss), and so does padding; ``response_loss`` runs the
    vocabulary projection (lm_head: n_embd x 50,257 for GPT-2, as big as 4 transformer layers)
    only at positions whose next token carries loss, via ``logits_to_keep`` given a boolean mask,
-   and ``token_cross_entropy`` turns those logits into their own gradient in place instead of
-   allocating three more tensors of that size.
+   or, for a model ``vocab_loss.use_fused_head`` approved, as one fused projection and loss;
+   either way the logits become their own gradient in place (vocab_loss.py).
 3. ``PadToLongest`` (``--batching padded``) pads a micro-batch to its own longest example, not
    to a fixed 256, after the Trainer's length-grouped sampler has put similar lengths together;
    ``rebalance`` then re-cuts one optimizer step's micro-batches (same examples, same count) so
@@ -29,9 +29,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from itertools import pairwise
 from typing import Any
+
+from remote.jobs.vocab_loss import head_cross_entropy, token_cross_entropy
 
 IGNORE = -100  # label value that carries no loss (the convention of torch and transformers)
 
@@ -209,59 +210,15 @@ def response_loss(
     labels = batch["labels"]
     keep, targets = loss_positions(labels)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if _takes_logits_to_keep(model):
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    else:  # an architecture without the mask: same result, full-size logits
-        logits = model(**inputs, use_cache=False).logits[keep]
-    losses = token_cross_entropy(logits.float(), targets)
+    losses = head_cross_entropy(model, inputs, keep, targets)
+    if losses is None:  # the model's own lm_head
+        if _takes_logits_to_keep(model):
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        else:  # an architecture without the mask: same result, full-size logits
+            logits = model(**inputs, use_cache=False).logits[keep]
+        losses = token_cross_entropy(logits.float(), targets)
     if reduction == "none":
         return losses
     if num_items is not None:
         return losses.sum() / num_items
     return losses.sum() / max(targets.numel(), 1)
-
-
-def token_cross_entropy(logits: Any, targets: Any) -> Any:
-    """Per-token cross-entropy of ``logits`` (positions x vocabulary), computed in place.
-
-    The same numbers and gradient as ``F.cross_entropy(..., reduction="none")``, but where that
-    allocates three more positions x 50,257 tensors (log-softmax, and two gradients on the way
-    back), this turns ``logits`` itself into the gradient during the forward pass. On a CPU
-    each of those is a fresh, page-faulted allocation of tens of megabytes per micro-batch: a
-    measurable part of a short step. ``logits`` is consumed: use only the returned losses.
-    """
-    losses, _ = _token_cross_entropy_function().apply(logits, targets)
-    return losses
-
-
-@cache
-def _token_cross_entropy_function() -> Any:
-    """The autograd Function, built on first use (torch is imported late, as everywhere in the
-    jobs, so ``--help`` answers at once)."""
-    import torch
-
-    class TokenCrossEntropy(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, logits, targets):
-            rows = torch.arange(len(targets), device=logits.device)
-            picked = logits[rows, targets]
-            top = logits.amax(dim=-1, keepdim=True)
-            logits.sub_(top).exp_()  # softmax, in place: exp(x - max) / sum
-            total = logits.sum(dim=-1, keepdim=True)
-            logits.div_(total)
-            losses = (top + total.log()).squeeze(-1) - picked  # logsumexp - target logit
-            logits[rows, targets] -= 1  # d(loss_i)/d(logits_i) = softmax - one-hot
-            ctx.mark_dirty(logits)
-            ctx.mark_non_differentiable(logits)
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(logits)
-            return losses, logits
-
-        @staticmethod
-        def backward(ctx, grad_losses, _unused):
-            (grad,) = ctx.saved_tensors
-            if grad_losses is None:
-                return None, None
-            return grad.mul_(grad_losses.unsqueeze(-1)), None
-
-    return TokenCrossEntropy

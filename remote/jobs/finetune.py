@@ -289,16 +289,19 @@ def load_model(args: argparse.Namespace, tok: Any) -> Any:
 def prepare_model(model: Any, args: argparse.Namespace) -> Any:
     """What training changes in a loaded model (the bench applies the same): GELU in one
     kernel, the dropout of ``--dropout``, no KV cache, per-example attention for packed
-    batches, LoRA adapters. None of it reaches the saved config."""
+    batches, the fused lm_head and loss, LoRA adapters. None of it reaches the saved config."""
     from remote.jobs.models import fuse_gelu, set_dropout, sparse_tied_embedding
+    from remote.jobs.vocab_loss import use_fused_head
 
     fuse_gelu(model)
     set_dropout(model, args.dropout)
     model.config.use_cache = False  # no KV cache while training
     if args.batching == "packed" and not use_packed_attention(model):
         args.batching = "padded"  # no per-example attention for this architecture: pad instead
-    if not args.lora_rank and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        sparse_tied_embedding(model)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # both write gradients DDP cannot see
+        use_fused_head(model)
+        if not args.lora_rank:
+            sparse_tied_embedding(model)
     if args.lora_rank:
         model = add_lora(model, args.lora_rank, args.lora_alpha)
     return model

@@ -223,21 +223,3 @@ def test_rebalance_leaves_packed_and_single_batches_alone():
     assert rebalance(packed, 0) is packed
     single = [PadToLongest(0)(feats)]
     assert rebalance(single, 0) is single
-
-
-def test_in_place_cross_entropy_matches_torch():
-    import torch.nn.functional as F
-
-    from remote.jobs.batching import token_cross_entropy
-
-    torch.manual_seed(0)
-    h = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
-    targets, weights = torch.randint(0, 40, (9,)), torch.rand(9, dtype=torch.float64)
-    expected = F.cross_entropy(h @ w.t(), targets, reduction="none")
-    want = torch.autograd.grad((expected * weights).sum(), (h, w))
-    losses = token_cross_entropy(h @ w.t(), targets)
-    got = torch.autograd.grad((losses * weights).sum(), (h, w))
-    assert torch.allclose(losses, expected, atol=1e-12)
-    for a, b in zip(got, want, strict=True):
-        assert torch.allclose(a, b, atol=1e-12)
