@@ -12,8 +12,9 @@ as batch 4 x gradient accumulation 4, AdamW, fp32:
   DataCollatorForLanguageModeling, logits and loss at every position;
 - ours: remote.jobs.finetune's Trainer and model preparation with its default flags: the Alpaca
   prompt, examples packed end to end with attention kept within each, lm_head only where the
-  loss is, GELU in one kernel, fused AdamW; then the same with LoRA (and, with ``--padded``,
-  micro-batches padded to their longest and re-cut for the least padding instead of packed).
+  loss is and fused with it, GELU in one kernel, fused AdamW; then the same with LoRA (and,
+  with ``--padded``, micro-batches padded to their longest and re-cut for the least padding
+  instead of packed).
 
 The examples have alpaca-1k's shape: its real lengths when the dataset can be loaded, otherwise
 lengths drawn to a mean of about 90 tokens in our format, a third of that prompt. The bench prints

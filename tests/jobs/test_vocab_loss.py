@@ -151,3 +151,22 @@ def test_fused_head_only_where_the_probe_agrees():
     was = model.training
     use_fused_head(model)
     assert model.training == was  # the probe leaves the mode as it found it
+
+
+def test_a_new_step_reuses_the_last_gradient_matrix_only_when_nobody_holds_it():
+    plain, fused = tiny_gpt2(), tiny_gpt2()
+    assert use_fused_head(fused) and sparse_tied_embedding(fused)
+    first, second = micro_batches(), micro_batches(packed=False)[::-1]
+    weight = fused.lm_head.weight
+    step(fused, first)  # zero_grad(set_to_none=True) first, as the Trainer does every step
+    where = weight.grad.data_ptr()
+    _, got = step(fused, second)
+    assert weight.grad.data_ptr() == where  # the same memory, not a fresh matrix
+    _, want = step(plain, second)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+    held = weight.grad  # someone keeps last step's gradient: it must stay as it was
+    kept = held.clone()
+    step(fused, first)
+    assert weight.grad.data_ptr() != held.data_ptr()
+    assert torch.equal(held, kept)
