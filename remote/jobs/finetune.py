@@ -299,7 +299,8 @@ def prepare_model(model: Any, args: argparse.Namespace) -> Any:
     if args.batching == "packed" and not use_packed_attention(model):
         args.batching = "padded"  # no per-example attention for this architecture: pad instead
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # both write gradients DDP cannot see
-        use_fused_head(model)
+        if precision(args, device_kind(args)) == "fp32":  # mixed precision autocasts only
+            use_fused_head(model)  # the model's own forward, which the fused head bypasses
         if not args.lora_rank:
             sparse_tied_embedding(model)
     if args.lora_rank:

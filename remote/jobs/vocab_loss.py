@@ -19,8 +19,9 @@ computes, forward and backward, with fewer and cheaper passes over those arrays:
   would allocate and page in a fresh 154 MB matrix per micro-batch and then add it (a step's
   first product goes into last step's matrix, once the Trainer has let go of it). Writing
   ``.grad`` directly is only right for a plain ``loss.backward()`` on one process, which is what
-  ``use_fused_head`` checks for and the Trainer does; under DDP, autocast or on a GPU the model
-  takes the path above.
+  the Trainer does there; under DDP, autocast or on a GPU the model takes the path above. So
+  does mixed precision: accelerate autocasts inside the model's own forward, which the fused
+  head goes around, so finetune.prepare_model approves the head for fp32 runs only.
 """
 
 from __future__ import annotations

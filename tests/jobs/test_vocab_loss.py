@@ -170,3 +170,19 @@ def test_a_new_step_reuses_the_last_gradient_matrix_only_when_nobody_holds_it():
     step(fused, first)
     assert weight.grad.data_ptr() != held.data_ptr()
     assert torch.equal(held, kept)
+
+
+@pytest.mark.parametrize(
+    ("flags", "world", "fused"),
+    [(["--precision", "fp32"], "1", True), (["--precision", "bf16"], "1", False),
+     (["--precision", "fp32"], "2", False)],
+    ids=["fp32", "mixed-bf16", "ddp"],
+)  # fmt: skip
+def test_finetune_fuses_the_head_for_fp32_on_one_process_only(flags, world, fused, monkeypatch):
+    # Mixed precision autocasts inside the model's forward (accelerate wraps it), which the
+    # fused head goes around: it would silently train in fp32. DDP never sees .grad written.
+    from remote.jobs.finetune import parse_args, prepare_model
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    model = prepare_model(tiny_gpt2(), parse_args(["--device", "cpu", *flags]))
+    assert getattr(model, FUSED_HEAD, False) is fused
