@@ -2,7 +2,7 @@
 the fewest useful numbers.
 
     losses = token_cross_entropy(logits, targets)          # any logits; consumes them
-    use_fused_head(model)                                   # before LoRA, one process, CPU
+    use_fused_head(model)                                   # before LoRA; fp32, one process
     losses = head_cross_entropy(model, inputs, keep, targets)   # None: use the line above
 
 For GPT-2 the projection (lm_head, tied to the input embedding) is a 768 x 50,257 matrix: at
