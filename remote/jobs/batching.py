@@ -193,7 +193,9 @@ def loss_positions(labels: Any) -> tuple[Any, Any]:
 
 
 def _takes_logits_to_keep(model: Any) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from remote.jobs.models import without_lora
+
+    inner = without_lora(model)
     inner = getattr(inner, "module", inner)  # DDP
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 

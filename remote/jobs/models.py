@@ -9,6 +9,8 @@ device = pick_device("auto", local_rank)           # "cpu" or "cuda:N"
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,26 @@ def sparse_tied_embedding(model: Any) -> bool:
         return False
     inputs.sparse = True
     return True
+
+
+def without_lora(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (``model`` itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def probing(model: Any) -> Iterator[None]:
+    """Eval mode and no gradients for a probe forward; the mode is restored afterwards, so a
+    probe never leaves dropout off (or on) behind the caller's back."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def set_dropout(model: Any, p: float) -> None:

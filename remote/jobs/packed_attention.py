@@ -99,6 +99,7 @@ def keeps_examples_apart(model: Any, lengths: tuple[int, ...] = (3, 5)) -> bool:
     import torch
 
     from remote.jobs.batching import FlattenBatch
+    from remote.jobs.models import probing
 
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
@@ -106,13 +107,8 @@ def keeps_examples_apart(model: Any, lengths: tuple[int, ...] = (3, 5)) -> bool:
     seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
     packed = FlattenBatch()([{"input_ids": s, "labels": s} for s in seqs])
     packed.pop("labels")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            alone = [model(torch.tensor([s], device=device)).logits[0] for s in seqs]
-            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in packed.items()}
-            together = model(**inputs).logits[0]
-    finally:
-        model.train(was_training)
+    with probing(model):
+        alone = [model(torch.tensor([s], device=device)).logits[0] for s in seqs]
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in packed.items()}
+        together = model(**inputs).logits[0]
     return torch.allclose(torch.cat(alone), together, atol=1e-4, rtol=1e-3)

@@ -56,22 +56,20 @@ def use_fused_head(model: Any) -> bool:
     import torch
     from torch import nn
 
+    from remote.jobs.models import probing
+
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None or not hasattr(model, "base_model"):
         return False
-    device = head.weight.device
     ids = torch.randint(0, head.out_features, (1, 7), generator=torch.Generator().manual_seed(0))
-    was_training = model.training
-    model.eval()
+    ids = ids.to(head.weight.device)
     try:
-        with torch.no_grad():
-            want = model(ids.to(device), use_cache=False).logits[0]
-            hidden = model.base_model(ids.to(device), use_cache=False).last_hidden_state[0]
+        with probing(model):
+            want = model(ids, use_cache=False).logits[0]
+            hidden = model.base_model(ids, use_cache=False).last_hidden_state[0]
             ok = torch.allclose(hidden @ head.weight.t(), want, atol=1e-4, rtol=1e-3)
     except (TypeError, AttributeError, ValueError):
         ok = False
-    finally:
-        model.train(was_training)
     setattr(model, FUSED_HEAD, ok)
     return ok
 
@@ -83,7 +81,9 @@ def head_cross_entropy(model: Any, inputs: dict[str, Any], keep: Any, targets: A
     docstring), and the caller computes the logits itself."""
     import torch
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA
+    from remote.jobs.models import without_lora
+
+    inner = without_lora(model)  # never DDP's wrapper: the head is not approved under DDP
     if not getattr(inner, FUSED_HEAD, False):
         return None
     weight = inner.get_output_embeddings().weight
@@ -130,9 +130,7 @@ def _add_into_grad(weight: Any, grad_t: Any, hidden: Any) -> None:
         )
         weight.grad = torch.mm(grad_t, hidden, out=spare) if reusable else torch.mm(grad_t, hidden)
         _spare_grads()[weight] = weight.grad
-    elif weight.grad.is_sparse:  # only the sparse embedding's part so far: make it dense
-        weight.grad = weight.grad.to_dense().addmm_(grad_t, hidden)
-    else:
+    else:  # a tied embedding's sparse part comes later: its backward runs last
         weight.grad.addmm_(grad_t, hidden)
 
 

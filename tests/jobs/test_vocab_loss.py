@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from remote.jobs.batching import FlattenBatch, PadToLongest, response_loss
+from remote.jobs.batching import FlattenBatch, PadToLongest, loss_positions, response_loss
 from remote.jobs.models import add_lora, sparse_tied_embedding
 from remote.jobs.packed_attention import use_packed_attention
 from remote.jobs.vocab_loss import (
@@ -99,10 +99,9 @@ def test_fused_head_is_the_path_taken_and_matches_in_evaluation():
     with torch.no_grad():
         want = response_loss(model, batch, reduction="none")
         assert use_fused_head(model)
-        keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-        keep[:, :-1] = batch["labels"][:, 1:] != -100
+        keep, targets = loss_positions(batch["labels"])
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        direct = head_cross_entropy(model, inputs, keep, batch["labels"][:, 1:][keep[:, :-1]])
+        direct = head_cross_entropy(model, inputs, keep, targets)
         got = response_loss(model, batch, reduction="none")
     assert direct is not None and torch.allclose(direct, want, atol=1e-6)
     assert torch.allclose(got, want, atol=1e-6)
