@@ -427,30 +427,6 @@ def prompt(
     print(answer.get("generated_text", "").strip())
 
 
-def _run_until_stopped(argv: list[str]) -> int | None:
-    """Run ``argv`` (ssh) in the foreground; Ctrl-C or SIGTERM to `fab` stops it too, so a
-    killed `fab tunnel` never leaves an orphaned ssh holding the port. None when stopped."""
-    import signal
-
-    child = subprocess.Popen(argv)
-    stopped: list[int] = []
-
-    def stop(signum: int, _frame: object) -> None:
-        stopped.append(signum)
-        child.terminate()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        code = child.wait()
-    except KeyboardInterrupt:
-        child.terminate()
-        child.wait(10)
-        return None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return None if stopped else code
-
-
 @task(
     auto_shortflags=False,
     help=_help(
@@ -486,6 +462,10 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
         "ExitOnForwardFailure=yes",
         "-o",
         "BatchMode=yes",
+        "-o",
+        "ServerAliveInterval=15",  # a dead link ends the tunnel in a minute, not never
+        "-o",
+        "ServerAliveCountMax=4",
         "-L",
         f"127.0.0.1:{local}:127.0.0.1:{where.api_port}",
     )
@@ -494,9 +474,11 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
         f'(fab prompt --url http://127.0.0.1:{local} "..."); Ctrl-C to stop',
         flush=True,
     )
-    code = _run_until_stopped(argv)
+    from remote.foreground import run_until_stopped
+
+    code = run_until_stopped(argv)
     if code is not None and code != 0:
-        raise Exit(f"the tunnel ended (ssh exit {code}).", code=code)
+        raise Exit(f"the tunnel ended (ssh exit {code}); run `fab tunnel` again.", code=code)
 
 
 @task(
