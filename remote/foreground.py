@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from contextlib import suppress
 
 RESEND_S = 0.5  # how often an unanswered SIGTERM is sent again
 
@@ -26,19 +27,16 @@ def _stop(_signum: int, _frame: object) -> None:
     raise _Stop
 
 
-def end(child: subprocess.Popen, grace: float = 5.0) -> int:
+def _end(child: subprocess.Popen, grace: float) -> None:
     """SIGTERM ``child`` until it exits; SIGKILL it once ``grace`` seconds have passed."""
     deadline = time.monotonic() + grace
-    while child.poll() is None:
-        if time.monotonic() >= deadline:
-            child.kill()
-            return child.wait()
+    while child.poll() is None and time.monotonic() < deadline:
         child.terminate()
-        try:
+        with suppress(subprocess.TimeoutExpired):
             child.wait(RESEND_S)
-        except subprocess.TimeoutExpired:
-            continue
-    return child.returncode
+    if child.poll() is None:
+        child.kill()
+        child.wait()
 
 
 def run_until_stopped(argv: list[str], grace: float = 5.0) -> int | None:
@@ -50,7 +48,7 @@ def run_until_stopped(argv: list[str], grace: float = 5.0) -> int | None:
         return child.wait()
     except (KeyboardInterrupt, _Stop):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
-        end(child, grace)
+        _end(child, grace)
         return None
     finally:
         signal.signal(signal.SIGTERM, previous)
