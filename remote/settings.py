@@ -45,7 +45,8 @@ SYNC_EXCLUDES = ("__pycache__", "*.pyc", ".pytest_cache")
 
 # Files inside the remote work directory.
 PYTHON_FILE = ".python"  # the interpreter `fab setup` chose, one line
-REQUIREMENTS_FILE = "requirements.txt"
+REQUIREMENTS_FILE = "requirements.txt"  # the pins `fab setup` installed (from uv.lock)
+TRACK_FILE = ".track"  # the tracker groups `fab setup --track` added, one a line
 ENV_STAMP = ".venv/.tinycloud-stamp"  # digest of what the environment was built from
 RUNS_DIR = "runs"
 SERVE_DIR = "serve"  # the server's env file, pid, log, rendered launch script

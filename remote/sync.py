@@ -4,10 +4,14 @@ Both steps do nothing when nothing changed, so `fab setup` is cheap to run again
 
 - code: ``rsync`` over the same key and pinned host key when both ends have it, else a sha256
   comparison (``sha256sum`` on the host) and an SFTP upload of the files that differ;
-- environment: ``uv venv`` + ``uv pip install --torch-backend auto`` (CPU wheels on a CPU
-  instance, CUDA wheels where uv finds an NVIDIA driver), skipped while the stamp
-  ``.venv/.tinycloud-stamp`` matches the requirements. ``--python PATH`` (or
-  ``TINYCLOUD_PYTHON``) uses an existing interpreter instead and builds nothing;
+- environment: exactly the versions uv.lock pins for the train and serve groups (``uv export``
+  here, so the host needs neither the project nor the lock), installed with ``uv pip install
+  --torch-backend auto`` into a venv on the host's own python3: CPU wheels on a CPU instance,
+  CUDA wheels where uv finds an NVIDIA driver, torch at its locked version either way
+  (``--torch-backend pypi``: PyPI's build, as locked). ``remote.jobs.lockcheck`` then checks
+  every pin on the host. Skipped while the stamp ``.venv/.tinycloud-stamp`` matches; any change
+  (uv.lock, backend, trackers, the host's Python) rebuilds it from scratch. ``--python PATH``
+  (or ``TINYCLOUD_PYTHON``) uses an existing interpreter instead and builds nothing;
   ``TINYCLOUD_UV`` names the uv binary on the host when it is not on PATH.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -28,8 +33,6 @@ from remote import settings
 from remote.runner import Runner, SshRunner
 
 q = shlex.quote
-ENV_GROUPS = ("train", "serve")  # the dependency groups the host needs (pyproject.toml)
-PYTHON_VERSION = "3.12"  # what uv installs on the host when it builds the environment
 UV_ON_HOST = '"$(command -v uv || echo "$HOME/.local/bin/uv")"'  # cloud-init puts uv on PATH
 
 
@@ -127,29 +130,110 @@ def _sha256(path: Path) -> str:
 
 # --- the environment ---------------------------------------------------------------------------
 
-
-def requirements() -> str:
-    """The host's requirements: the train and serve groups of pyproject.toml, nothing else."""
-    groups = tomllib.loads((settings.ROOT / "pyproject.toml").read_text())["dependency-groups"]
-
-    def expand(name: str) -> list[str]:
-        out: list[str] = []
-        for item in groups[name]:
-            out += expand(item["include-group"]) if isinstance(item, dict) else [item]
-        return out
-
-    reqs = dict.fromkeys(r for g in ENV_GROUPS for r in expand(g))
-    return "".join(f"{r}\n" for r in reqs)
+ENV_GROUPS = ("train", "serve")  # the dependency groups every host needs (pyproject.toml)
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # optional groups: `fab setup --track NAME`
+PYPI = "pypi"  # --torch-backend pypi: torch exactly as uv.lock has it (PyPI's CUDA build)
+# torch's CUDA runtime on Linux: uv.lock holds PyPI's, a --torch-backend build brings its own.
+TORCH_RUNTIME = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")
 
 
-def ensure_env(runner: Runner, *, python: str = "", torch_backend: str = "auto") -> str:
-    """Make sure the host has an interpreter with the job dependencies; what was done."""
+def requested_trackers(runner: Runner, track: str) -> tuple[str, ...]:
+    """--track a,b (or ``none``); without it, what an earlier `fab setup --track` added."""
+    text = track if track else (runner.read_text(settings.TRACK_FILE) or "")
+    names = tuple(dict.fromkeys(n.strip() for n in text.replace("\n", ",").split(",") if n.strip()))
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise Exit(f"--track {','.join(unknown)}: choose from {', '.join(TRACKERS)} (or none).")
+    return names
+
+
+def locked_requirements(groups: tuple[str, ...], torch_backend: str) -> str:
+    """The host's requirements, pinned as uv.lock pins them (``uv export``), with hashes.
+
+    With a --torch-backend other than ``pypi``, torch keeps its locked version but loses its
+    PyPI hashes (the backend's build is another file), and torch's CUDA runtime is left to
+    that build's own dependencies.
+    """
+    argv = ["uv", "export", "--frozen", "--format", "requirements.txt", "--no-emit-project"]
+    argv += ["--no-header", "--no-annotate", *(f"--only-group={g}" for g in groups)]
+    try:
+        done = subprocess.run(argv, cwd=settings.ROOT, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise Exit(
+            "`fab setup` reads uv.lock with uv, which is not on PATH here. Install it "
+            "(https://docs.astral.sh/uv/) and run `uv run fab setup`."
+        ) from None
+    if done.returncode != 0:
+        raise Exit(f"uv export could not read uv.lock: {done.stderr.strip()}")
+    if torch_backend == PYPI:
+        return done.stdout
+    kept = []
+    for entry in _entries(done.stdout):
+        name = re.split(r"[=<>!~;\s\[]", entry, maxsplit=1)[0].lower()
+        if TORCH_RUNTIME.match(name):
+            continue
+        kept.append(_without_hashes(entry) if name == "torch" else entry)
+    return "".join(kept)
+
+
+def _entries(text: str) -> list[str]:
+    """requirements.txt entries, each with its ``\\``-continued hash lines."""
+    entries: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if entries and entries[-1].rstrip().endswith("\\"):
+            entries[-1] += line
+        elif line.strip() and not line.lstrip().startswith("#"):
+            entries.append(line)
+    return entries
+
+
+def _without_hashes(entry: str) -> str:
+    return entry.split("\\", 1)[0].rstrip() + "\n"
+
+
+def host_python(runner: Runner) -> tuple[str, str]:
+    """The host's own python3 and its version, checked against requires-python: the
+    environment is built on it, never on a downloaded interpreter."""
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((settings.ROOT / "pyproject.toml").read_text())["project"]
+    wanted = SpecifierSet(project["requires-python"])
+    r = runner.run(
+        "command -v python3 && python3 -c 'import platform; print(platform.python_version())'",
+        warn=True,
+    )
+    lines = r.stdout.split()
+    if not r.ok or len(lines) != 2:
+        raise Exit("the host has no python3. On Ubuntu: sudo apt-get install python3.")
+    path, version = lines
+    if version not in wanted:
+        raise Exit(
+            f"the host's python3 is {version} ({path}); tinycloud needs Python {wanted}. "
+            "Use an image whose python3 fits (Ubuntu 24.04: 3.12), or pass --python."
+        )
+    return path, version
+
+
+def ensure_env(
+    runner: Runner, *, python: str = "", torch_backend: str = "auto", track: str = ""
+) -> str:
+    """Make sure the host has an interpreter with the job dependencies; what was done.
+
+    The environment holds exactly what uv.lock pins for the train and serve groups (and the
+    trackers asked for), on the host's own python3; it is rebuilt from scratch whenever that
+    set changes (a new uv.lock, another backend, another tracker), and checked afterwards.
+    """
     python = python or settings.env("PYTHON")
     if python or runner.local:
         return use_interpreter(runner, python or runner.python())
-    reqs = requirements()
-    stamp = hashlib.sha256(f"{torch_backend}\n{reqs}".encode()).hexdigest()
+    trackers = requested_trackers(runner, track)
+    reqs = locked_requirements((*ENV_GROUPS, *trackers), torch_backend)
+    base, version = host_python(runner)
+    stamp = hashlib.sha256(f"{torch_backend}\n{base} {version}\n{reqs}".encode()).hexdigest()
     venv_python = runner.path(".venv/bin/python")
+    runner.put_bytes("".join(f"{t}\n" for t in trackers).encode(), settings.TRACK_FILE)
     current = runner.read_text(settings.ENV_STAMP)
     if (
         current
@@ -157,13 +241,13 @@ def ensure_env(runner: Runner, *, python: str = "", torch_backend: str = "auto")
         and runner.sh(f"test -x {q(venv_python)}", warn=True).ok
     ):
         use_interpreter(runner, venv_python, check=False)
-        return "environment up to date"
+        return f"environment up to date (uv.lock, Python {version}{_with(trackers)})"
     runner.put_bytes(reqs.encode(), settings.REQUIREMENTS_FILE)
     uv = q(settings.env("UV")) if settings.env("UV") else UV_ON_HOST
+    backend = "" if torch_backend == PYPI else f"--torch-backend {q(torch_backend)} "
     r = runner.sh(
-        f"{uv} venv --allow-existing --python {PYTHON_VERSION} .venv && "
-        f"{uv} pip install --python .venv/bin/python --torch-backend {q(torch_backend)} "
-        f"-r {settings.REQUIREMENTS_FILE}",
+        f"rm -rf .venv && {uv} venv --no-python-downloads --python {q(base)} .venv && "
+        f"{uv} pip install --python .venv/bin/python {backend}-r {settings.REQUIREMENTS_FILE}",
         hide=False,
         warn=True,
     )
@@ -172,9 +256,22 @@ def ensure_env(runner: Runner, *, python: str = "", torch_backend: str = "auto")
             "building the environment failed (output above). uv comes from cloud-init on a "
             "tinycloud host; elsewhere install it (https://docs.astral.sh/uv/) or pass --python."
         )
+    check = runner.sh(
+        f"{q(venv_python)} -m remote.jobs.lockcheck {settings.REQUIREMENTS_FILE}", warn=True
+    )
+    if not check.ok:
+        raise Exit(f"the environment does not match uv.lock:\n{check.stdout}{check.stderr}")
+    print(check.stdout.strip())
     runner.put_bytes(f"{stamp}\n".encode(), settings.ENV_STAMP)
     use_interpreter(runner, venv_python, check=False)
-    return f"environment built (torch backend: {torch_backend})"
+    return (
+        f"environment built from uv.lock (Python {version}, "
+        f"torch backend: {torch_backend}{_with(trackers)})"
+    )
+
+
+def _with(trackers: tuple[str, ...]) -> str:
+    return f", with {', '.join(trackers)}" if trackers else ""
 
 
 def use_interpreter(runner: Runner, python: str, check: bool = True) -> str:

@@ -72,7 +72,8 @@ def _aws(fn: Any, *args: Any) -> Any:
     auto_shortflags=False,
     help=_help(
         python="use this interpreter on the host and build no environment",
-        torch_backend="uv --torch-backend: auto (CUDA where uv finds a driver), cpu, cu126...",
+        torch_backend="auto (CUDA where uv finds a driver), cpu, cu126... or pypi (as uv.lock)",
+        track="add experiment trackers for --report-to: tensorboard,mlflow,wandb (none: drop)",
         sync="how to ship code: auto (rsync if both ends have it), rsync or sftp",
         wait="seconds to wait for the first boot (cloud-init) to finish",
     ),
@@ -81,6 +82,7 @@ def setup(
     c,
     python="",
     torch_backend="auto",
+    track="",
     sync="auto",
     wait=900,
     target="",
@@ -91,8 +93,9 @@ def setup(
 ):
     """Wait for the host to boot, ship remote/jobs + serving, build the job environment.
 
-    Safe to run again: unchanged files are not sent, and an environment built from the same
-    requirements is kept. A CPU host gets CPU-only torch, a GPU host the CUDA build.
+    The environment holds exactly what uv.lock pins, on the host's python3. Safe to run again:
+    unchanged files are not sent, and an environment built from the same pins is kept.
+    A CPU host gets CPU-only torch, a GPU host the CUDA build, both at the locked version.
     """
     from remote.boot import wait_for_boot
     from remote.sync import ensure_env, sync_code
@@ -108,7 +111,8 @@ def setup(
             wait_for_boot(runner, required=required, timeout=wait)
         changed = sync_code(runner, sync)
         print(f"code: {len(changed)} file(s) updated" + _listing(changed))
-        print(f"python: {ensure_env(runner, python=python, torch_backend=torch_backend)}")
+        built = ensure_env(runner, python=python, torch_backend=torch_backend, track=track)
+        print(f"python: {built}")
         print(f"ready: {'this machine' if where.local else where.host}:{runner.base}")
 
 

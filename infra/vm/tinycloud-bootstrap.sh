@@ -21,6 +21,8 @@ apt_install() {
 # Docker: the Deep Learning AMI ships Docker with the NVIDIA runtime; plain Ubuntu gets docker.io.
 if ! command -v docker >/dev/null 2>&1; then
     apt_install docker.io
+    # Debian 13 ships the client apart from the engine (Ubuntu's docker.io carries both).
+    command -v docker >/dev/null 2>&1 || apt_install docker-cli
 fi
 systemctl enable --now docker
 usermod -aG docker "$TINYCLOUD_USER"

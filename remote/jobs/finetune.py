@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from remote.jobs import dist as distlib
-from remote.jobs import memory, rundir
+from remote.jobs import memory, rundir, trackers
 from remote.jobs.batching import (
     FlattenBatch,
     PadToLongest,
@@ -174,6 +174,7 @@ def open_run(args: argparse.Namespace, guard: Guard) -> rundir.RunDir | None:
     every rank stops if rank 0 could not open it."""
     d = guard.d
     args.name = distlib.broadcast_object(args.name or time.strftime("finetune-%Y%m%d-%H%M%S"), d)
+    trackers.prepare(args.report_to, run_path(args))  # a missing tracker stops it here
     opts = {"job": "finetune", "args": vars(args), "resume": args.resume}
     run = distlib.on_main(
         d, rundir.RunDir.create, args.runs_dir, args.name, **opts, overwrite=args.overwrite

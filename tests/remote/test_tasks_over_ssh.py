@@ -33,11 +33,12 @@ def test_setup_twice_second_run_does_no_work(fab, vm, sshd):
     first = fab(vm, "setup")
     assert first.code == 0, first.text
     assert "code: 0 file(s)" not in first.out
-    assert "environment built (torch backend: auto)" in first.out
+    assert "environment built from uv.lock" in first.out and "torch backend: auto" in first.out
+    assert "pinned packages installed as locked" in first.out  # lockcheck on the host
     calls = uv_log.read_text().splitlines()
     assert [c.split()[0] for c in calls] == ["venv", "pip"]
     assert "--torch-backend auto" in calls[1] and "-r requirements.txt" in calls[1]
-    assert "torch" in (sshd.work / "requirements.txt").read_text()
+    assert "torch==" in (sshd.work / "requirements.txt").read_text()
     shipped = sshd.work / "remote" / "jobs" / "rundir.py"
     assert shipped.read_bytes() == (ROOT / "remote/jobs/rundir.py").read_bytes()
     assert (sshd.work / "remote" / "__init__.py").exists()
