@@ -169,9 +169,9 @@ def train(
     with _session(target, stack, host, user, key) as (_where, runner):
         pid = start_job(runner, job, name, job_flags, resume=resume, nproc=nproc)
         print(f"started {job} {name!r} (pid {pid}) in {runner.path('runs/' + name)}")
-        if follow:
-            follow_log(runner, name)
-        else:
+        if follow and not follow_log(runner, name):
+            raise Exit(f"{job} {name!r} ended before its run started (its console log above).")
+        if not follow:
             print(f"follow it: fab logs --run {name} --follow   progress: fab status")
 
 

@@ -7,11 +7,11 @@ VM side relies on (systemd as PID 1, cloud-init, sshd, sudo, python3, iproute2, 
 systemd-networkd and -resolved) and a cloud.cfg.d drop-in that makes ``ubuntu`` the default user
 as on the AMI. How it differs from the AMI is listed in docs/infra.md ("The booted stand-in").
 
-    python tests/vm/image.py        # build (or find) the cached image; print its path
+    python tests/vm/vm_image.py        # build (or find) the cached image; print its path
 
 The build takes about a minute and is kept in /var/cache/tinycloud-vm/image-<digest>, the digest
 being this file's own: edit the recipe and the next run builds afresh. Each test session boots a
-throwaway copy (see machine.py), so the cached tree is never booted itself.
+throwaway copy (see vm_machine.py), so the cached tree is never booted itself.
 """
 
 from __future__ import annotations
