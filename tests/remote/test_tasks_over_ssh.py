@@ -57,6 +57,24 @@ def test_setup_twice_second_run_does_no_work(fab, vm, sshd):
     assert done.returncode == 0, "the environment setup recorded does not run"
 
 
+def test_a_new_set_of_pins_rebuilds_the_environment_and_trackers_are_remembered(fab, vm, sshd):
+    uv_log = Path(vm["TINYCLOUD_UV"]).with_name("uv.log")
+    assert fab(vm, "setup").code == 0
+    before = len(uv_log.read_text().splitlines())
+    tracked = fab(vm, "setup", "--track", "tensorboard")  # another set of pins: rebuilt
+    assert tracked.code == 0, tracked.text
+    assert "environment built from uv.lock" in tracked.out and "with tensorboard" in tracked.out
+    assert len(uv_log.read_text().splitlines()) == before + 2  # uv venv + uv pip install
+    assert "tensorboard==" in (sshd.work / "requirements.txt").read_text()
+    kept = fab(vm, "setup")
+    assert "environment up to date" in kept.out and "with tensorboard" in kept.out, kept.text
+    dropped = fab(vm, "setup", "--track", "none")
+    assert "environment built from uv.lock" in dropped.out, dropped.text
+    assert "tensorboard" not in (sshd.work / "requirements.txt").read_text()
+    unknown = fab(vm, "setup", "--track", "comet")
+    assert unknown.code == 1 and "choose from tensorboard, mlflow, wandb" in unknown.err
+
+
 def test_sftp_sync_sends_only_changed_files_and_deletes_stale_ones(fab, vm, sshd):
     stray = sshd.work / "serving" / "stale_module.py"
     stray.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ PACKAGES = (
     # first boot and logging in
     "cloud-init", "openssh-server", "sudo", "locales", "ca-certificates",
     # what Ubuntu's server image carries and the tinycloud scripts call
-    "python3", "curl", "procps", "less", "apt-utils",
+    "python3", "curl", "procps", "less", "apt-utils", "git", "rsync",
 )  # fmt: skip
 
 # Ubuntu's cloud.cfg default user, but for the lxd group, which Debian has no package for.
