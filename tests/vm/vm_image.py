@@ -1,13 +1,14 @@
 """The stand-in for the Ubuntu 24.04 AMI: the recipe, and the one cached build of it per machine.
 
 Debian's archive is the only OS archive this machine (and CI) reaches, so the stand-in is Debian
-13 (trixie) made by ``mmdebstrap``: systemd 257, cloud-init 25.1 and OpenSSH 10, close to
-Ubuntu 24.04's systemd 255, cloud-init 25.1 and OpenSSH 9.6. It holds what the AMI has that the
-VM side relies on (systemd as PID 1, cloud-init, sshd, sudo, python3, iproute2, nftables, apt,
-systemd-networkd and -resolved) and a cloud.cfg.d drop-in that makes ``ubuntu`` the default user
-as on the AMI. How it differs from the AMI is listed in docs/infra.md ("The booted stand-in").
+13 (trixie) made by ``mmdebstrap``: systemd 257, cloud-init 25.1, OpenSSH 10.0 and Python 3.13,
+where Ubuntu 24.04 has systemd 255, OpenSSH 9.6 and Python 3.12 (and its own cloud-init
+updates). It holds what the AMI has that the VM side relies on (systemd as PID 1, cloud-init,
+sshd, sudo, python3, iproute2, nftables, apt, systemd-networkd and -resolved) and a cloud.cfg.d
+drop-in that makes ``ubuntu`` the default user as on the AMI. How it differs from the AMI is
+listed in docs/infra.md ("The booted stand-in VM").
 
-    python tests/vm/vm_image.py        # build (or find) the cached image; print its path
+    python tests/vm/vm_image.py     # build (or find) the cached image; print its path
 
 The build takes about a minute and is kept in /var/cache/tinycloud-vm/image-<digest>, the digest
 being this file's own: edit the recipe and the next run builds afresh. Each test session boots a

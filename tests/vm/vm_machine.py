@@ -402,7 +402,7 @@ def create(name: str, image: Path, base: Path) -> Machine:
         uv_toml.write_text(
             "# tinycloud tests: this machine's uv cache, shared in (see tests/vm/vm_machine.py),\n"
             "# and the system's CA store, which trusts what this machine trusts.\n"
-            f'cache-dir = "{UV_CACHE_IN_VM}"\nnative-tls = true\n'
+            f'cache-dir = "{UV_CACHE_IN_VM}"\nsystem-certs = true\n'
         )
         machine.uv_cache_mount.mkdir()
         idmapped_mount(host_uv_cache(), machine.uv_cache_mount, VM_UID)
