@@ -1,8 +1,8 @@
 """The VM side for real: the user data `pulumi up` renders, booted under systemd on the stand-in
 image (vm_harness), then driven with `fab` as the README tells a user to.
 
-The tests run in order on one booted machine (each step needs the one before): first boot,
-the pinned host key, `fab setup` against uv.lock, a fine-tune, serving, the chat page, Docker,
+The tests run in order on one booted machine (each step needs the one before): `fab setup`
+waiting for the first boot, what that boot did, the pinned host key, a fine-tune, serving, the chat page, Docker,
 and last the idle auto-stop with a reboot from the same disk.
 """
 
@@ -34,6 +34,28 @@ from serving.constants import DEFAULT_IMAGE
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 VENV_PYTHON = f"{cloud_init.TINYCLOUD_DIR}/.venv/bin/python"
+
+
+def test_setup_waits_for_the_first_boot_and_installs_exactly_what_uv_lock_pins(fab, booted_vm):
+    # As EC2's status checks do, wait for sshd; cloud-init is still installing Docker then.
+    wait_until("sshd", lambda: _port_open(booted_vm.ip, 22), 120, 0.5)
+    # PyTorch's CPU index is out of reach here: torch comes from PyPI, as uv.lock has it.
+    setup = ("setup", "--torch-backend", "pypi", "--track", "tensorboard")
+    first = fab(booted_vm.env, *setup)
+    assert first.code == 0, first.text
+    assert "waiting for cloud-init to finish (status: running" in first.out, first.out
+    assert "environment built from uv.lock" in first.out and "with tensorboard" in first.out
+    assert re.search(r"all \d+ pinned packages installed as locked", first.out), first.out
+    assert " + tensorboard==" in first.err  # uv lists what it installed
+    installed = _installed(booted_vm)
+    locked = _locked_for(booted_vm, ("train", "serve", "tensorboard"))
+    assert installed == locked, "the VM's environment differs from uv.lock"
+    python = booted_vm.root(f"readlink -f {cloud_init.TINYCLOUD_DIR}/.venv/bin/python").stdout
+    assert python.strip().startswith("/usr/bin/python3"), "not the host's own python3"
+
+    again = fab(booted_vm.env, "setup", "--torch-backend", "pypi")  # the tracker is remembered
+    assert again.code == 0, again.text
+    assert "code: 0 file(s) updated" in again.out and "environment up to date" in again.out
 
 
 def test_first_boot_runs_the_user_data_cleanly(booted_vm):
@@ -77,25 +99,6 @@ def test_a_machine_with_another_host_key_is_refused(fab, booted_vm, tmp_path):
     refused = fab(env, "status")
     assert refused.code == 1
     assert "does not match the pinned one" in refused.err, refused.text
-
-
-def test_setup_installs_exactly_what_uv_lock_pins(fab, booted_vm):
-    # PyTorch's CPU index is out of reach here: torch comes from PyPI, as uv.lock has it.
-    setup = ("setup", "--torch-backend", "pypi", "--track", "tensorboard")
-    first = fab(booted_vm.env, *setup)
-    assert first.code == 0, first.text
-    assert "environment built from uv.lock" in first.out and "with tensorboard" in first.out
-    assert re.search(r"all \d+ pinned packages installed as locked", first.out), first.out
-    assert " + tensorboard==" in first.err  # uv lists what it installed
-    installed = _installed(booted_vm)
-    locked = _locked_for(booted_vm, ("train", "serve", "tensorboard"))
-    assert installed == locked, "the VM's environment differs from uv.lock"
-    python = booted_vm.root(f"readlink -f {cloud_init.TINYCLOUD_DIR}/.venv/bin/python").stdout
-    assert python.strip().startswith("/usr/bin/python3"), "not the host's own python3"
-
-    again = fab(booted_vm.env, "setup", "--torch-backend", "pypi")  # the tracker is remembered
-    assert again.code == 0, again.text
-    assert "code: 0 file(s) updated" in again.out and "environment up to date" in again.out
 
 
 def _installed(vm) -> dict[str, str]:
@@ -378,6 +381,16 @@ def _run_status(vm, name: str) -> str:
 def _fab_ok(fab, env, *args):
     result = fab(env, *args)
     return result if result.code == 0 else None
+
+
+def _port_open(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _healthy(vm, port: int = API_PORT) -> bool:
