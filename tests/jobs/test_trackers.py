@@ -96,3 +96,17 @@ def test_lockcheck_reads_a_uv_export_and_names_every_mismatch(tmp_path, capsys):
     reqs.write_text(f"packaging=={have}\ntorch=={metadata.version('torch').split('+')[0]}\n")
     assert lockcheck.main([str(reqs)]) == 0
     assert "all 2 pinned packages installed as locked" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_reports_to_all_three_trackers_inside_its_run_dir(tiny_model_dir, tmp_path):
+    """The groups `fab setup --track` adds, installed here by --all-groups: each tracker works
+    offline and leaves its files in the run."""
+    data = write_data(tmp_path / "d.jsonl", 8)
+    runs = tmp_path / "runs"
+    flags = ["--max-steps", "2", "--report-to", "tensorboard,mlflow,wandb"]
+    assert finetune.main(argv(tiny_model_dir, data, runs, "tracked", *flags)) == 0
+    run = runs / "tracked"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "mlruns").glob("*/*/meta.yaml")), "no MLflow run"
+    assert list((run / "wandb").glob("offline-run-*")), "no W&B offline run"

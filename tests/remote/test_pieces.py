@@ -210,6 +210,7 @@ def test_tgi_launch_script_is_rendered_for_the_model_and_needs_docker(tmp_path, 
     assert "/home/ubuntu/tinycloud/runs/ft/model" in script
     assert "255" in script and "256" in script  # max input / total tokens from n_positions
     assert "'k3y'\"'\"'quote'" in script  # shell-quoted, never bare
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a host without Docker
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a host without Docker (CI has one now)
     with pytest.raises(Exit, match="--engine tgi needs Docker"):
         start_tgi(LocalRunner(tmp_path / "work"), script)

@@ -2,8 +2,8 @@
 image (vm_harness), then driven with `fab` as the README tells a user to.
 
 The tests run in order on one booted machine (each step needs the one before): `fab setup`
-waiting for the first boot, what that boot did, the pinned host key, a fine-tune, serving, the chat page, Docker,
-and last the idle auto-stop with a reboot from the same disk.
+waiting for the first boot, what that boot did, the pinned host key, a fine-tune, serving, the
+chat page, Docker, and last the idle auto-stop with a reboot from the same disk.
 """
 
 from __future__ import annotations

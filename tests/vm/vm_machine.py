@@ -59,12 +59,20 @@ def registry_addresses() -> list[str]:
 
 
 def dns_servers() -> list[str]:
+    """This machine's IPv4 name servers, which the VM is let through to. One on loopback (a
+    local stub resolver) is out of the VM's reach, so it cannot be the only one."""
     servers = []
     for line in Path("/etc/resolv.conf").read_text().splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "nameserver" and ":" not in parts[1]:
             servers.append(parts[1])
-    return servers
+    usable = [s for s in servers if not ipaddress.ip_address(s).is_loopback]
+    if not usable:
+        raise RuntimeError(
+            f"/etc/resolv.conf names no name server the VM can reach ({servers or 'none'}): "
+            "add the upstream one (e.g. `resolvectl status` shows it) to /etc/resolv.conf"
+        )
+    return usable
 
 
 def _free_subnet() -> int:
@@ -120,7 +128,7 @@ class Network:
     def ruleset(self) -> str:
         """Forward the VM's traffic to the registries (HTTP/S) and DNS only; masquerade it."""
         regs = ", ".join(self.registries)
-        dns = ", ".join(self.dns) or "127.0.0.1"
+        dns = ", ".join(self.dns)
         veth = self.name
         return f"""
 table ip {self.table} {{
