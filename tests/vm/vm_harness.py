@@ -83,24 +83,18 @@ class BootedVm:
         return f"/home/{cloud_init.SSH_USER}/{dest}"
 
     def boot(self) -> None:
-        self.machine.boot(apt_cache())
-
-
-def apt_cache() -> Path:
-    """Packages apt downloaded for earlier sessions: kept, so a session fetches only news."""
-    path = vm_image.CACHE / "apt-archives"
-    (path / "partial").mkdir(parents=True, exist_ok=True)
-    return path
+        self.machine.boot()
 
 
 def _why_not() -> str:
     if os.geteuid() != 0:
         return "booting the stand-in VM needs root (systemd-nspawn, network namespaces)"
-    missing = vm_image.missing_tools() + [t for t in ("nsenter", "unshare") if not shutil.which(t)]
+    tools = ("nsenter", "unshare", "losetup", "mkfs.ext4")
+    missing = vm_image.missing_tools() + [t for t in tools if not shutil.which(t)]
     if missing:
         return (
             f"{', '.join(missing)} not installed: apt-get install mmdebstrap systemd-container "
-            "iproute2 nftables util-linux"
+            "iproute2 nftables util-linux mount e2fsprogs"
         )
     return ""
 

@@ -12,10 +12,11 @@ the user data ``infra`` renders for `pulumi up`), behind a network of its own:
 - **seed**: NoCloud files in the copy's /var/lib/cloud/seed/nocloud: ``user-data`` exactly as
   rendered, ``meta-data`` with the login key as EC2's metadata carries it (under the key pair's
   name), ``network-config``.
-- **caches**: this machine's uv cache is shared with the VM's ``ubuntu`` user through an
-  ID-mapped bind mount (files the VM writes stay root's on disk), so `fab setup` links wheels
-  rather than downloading gigabytes; apt's downloaded packages are kept in the image cache for
-  the next session. The VM finds the uv cache through /etc/xdg/uv/uv.toml.
+- **uv cache**: this machine's is shared with the VM's ``ubuntu`` user through an ID-mapped
+  bind mount (files the VM writes stay root's on disk), so `fab setup` copies wheels rather
+  than downloading gigabytes. The VM finds it through /etc/xdg/uv/uv.toml, which also points
+  uv at the system's CA store. (apt's downloads are not shared: the mirror is quick, and two
+  sessions would contend for apt's lock on one archive folder.)
 
 Why ``--keep-unit --register=no``: this host has no systemd as PID 1 and no system bus, which
 nspawn otherwise needs to register the machine. Why ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``: the
@@ -298,7 +299,7 @@ class Machine:
         for f in seed.iterdir():
             f.chmod(0o600)  # the user data holds the host's private key, as EC2's does
 
-    def boot(self, apt_cache: Path) -> None:
+    def boot(self) -> None:
         """Start the machine (returns once PID 1 runs; cloud-init goes on by itself)."""
         if self.proc and self.proc.poll() is None:
             raise RuntimeError(f"{self.name} is already running")
@@ -317,7 +318,6 @@ class Machine:
             f"--machine={self.name}",
             f"--uuid={self.machine_uuid}",
             f"--bind={self.uv_cache_mount}:{UV_CACHE_IN_VM}",
-            f"--bind={apt_cache}:/var/cache/apt/archives",
             "--console=read-only",
         ]
         env = {
