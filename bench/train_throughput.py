@@ -113,7 +113,7 @@ def real_alpaca_lengths() -> list[dict[str, str]] | None:
     if not hub_reachable():
         return None
     try:
-        from remote.jobs.presets import load_rows
+        from remote.jobs.dataset import load_rows
 
         return load_rows("alpaca-1k").rows
     except Exception:
@@ -259,8 +259,8 @@ def ours_step(model, tok, rows, out: Path, args) -> tuple[float, dict]:
     from transformers.trainer_callback import PrinterCallback
 
     from remote.jobs import finetune
-    from remote.jobs.batching import tokenize_examples
-    from remote.jobs.presets import format_instruction
+    from remote.jobs.dataset import format_instruction
+    from remote.jobs.sft_batches import tokenize_examples
 
     pairs = [format_instruction(r, tok.eos_token) for r in rows]
     feats, _ = tokenize_examples(tok, pairs, finetune.MAX_LENGTH)
@@ -307,8 +307,8 @@ def make_rows(n: int, seed: int):
 
 
 def print_lengths(tok, rows) -> None:
-    from remote.jobs.batching import tokenize_examples
-    from remote.jobs.presets import format_instruction
+    from remote.jobs.dataset import format_instruction
+    from remote.jobs.sft_batches import tokenize_examples
 
     feats, _ = tokenize_examples(tok, [format_instruction(r, tok.eos_token) for r in rows], 512)
     ours = [len(f["input_ids"]) for f in feats]

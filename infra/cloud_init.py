@@ -17,16 +17,11 @@ from pathlib import Path
 
 import jinja2
 
+from facts import API_PORT, RUNS_ENV, SSH_USER, VM_RUNS_DIR, VM_STATE_DIR
+
 VM_DIR = Path(__file__).resolve().parent / "vm"
 
-# Facts about the VM that `fab` relies on (contract 1 and `fab setup`). One place for each.
-SSH_USER = "ubuntu"  # both Ubuntu 24.04 and the Deep Learning AMI log in as ubuntu
-HOME_DIR = f"/home/{SSH_USER}"
-TINYCLOUD_DIR = f"{HOME_DIR}/tinycloud"  # code and venv land here (`fab setup`)
-RUNS_DIR = f"{TINYCLOUD_DIR}/runs"  # exported as TINYCLOUD_RUNS in /etc/environment
-STATE_DIR = "/var/lib/tinycloud"
-READY_MARKER = f"{STATE_DIR}/ready"  # written last by the bootstrap: the VM is set up
-KEEP_AWAKE_MARKER = f"{STATE_DIR}/keep-awake"  # while it exists the idle stop never fires
+# The VM's user, directories and markers that `fab` relies on are in facts.py.
 IDLE_ENV = "/etc/tinycloud/idle.env"
 USER_DATA_LIMIT = 16 * 1024  # bytes: EC2 refuses larger user data
 
@@ -55,8 +50,8 @@ def idle_env(*, api_port: int, idle_stop_minutes: int, gpu: bool) -> str:
     """The shell-sourced settings file the VM's scripts share (values shell-quoted)."""
     values = {
         "TINYCLOUD_USER": SSH_USER,
-        "TINYCLOUD_RUNS": RUNS_DIR,
-        "TINYCLOUD_STATE": STATE_DIR,
+        RUNS_ENV: VM_RUNS_DIR,
+        "TINYCLOUD_STATE": VM_STATE_DIR,
         "TINYCLOUD_API_PORT": str(int(api_port)),
         "TINYCLOUD_IDLE_MINUTES": str(int(idle_stop_minutes)),
         "TINYCLOUD_GPU": "1" if gpu else "0",
@@ -128,7 +123,7 @@ if __name__ == "__main__":
         render_user_data(
             host_private_key=private,
             host_public_key=public,
-            api_port=8080,
+            api_port=API_PORT,
             idle_stop_minutes=60,
             gpu=False,
         ),

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 import pulumi
 
-from infra.host import is_world
+from facts import API_PORT
+from infra.training_host import is_world
 
 NAMESPACE = "tinycloud"
 
@@ -35,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "deleteVolumeOnDestroy": False,  # false: the volume and its runs outlive `pulumi destroy`
     "allowedCidrs": [],  # who may reach SSH and the API; [] = your public IP /32, looked up
     "openToTheWorld": False,  # true: allow 0.0.0.0/0 and ::/0, i.e. anyone on the internet
-    "apiPort": 8080,  # the inference API (TGI or the native server), 1024-65535
+    "apiPort": API_PORT,  # the inference API (TGI or the native server), 1024-65535
     "idleStopMinutes": 60,  # stop the VM after this long with no job/API/SSH; 0 = never
     "sshPublicKey": "",  # your own OpenSSH public key; "" = a key pair generated for you
 }

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from invoke import Exit
 
-from remote import settings
+from remote import paths
 from remote.launch import find_run, follow, start_job
 from remote.runner import Runner
 
-DATA = settings.ROOT / "remote" / "jobs" / "data"
+DATA = paths.ROOT / "remote" / "jobs" / "data"
 QUESTION = "What does a language model predict?"
 
 

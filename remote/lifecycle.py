@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from remote import settings
+from remote import paths
 
 Progress = Callable[[str], None]
 
@@ -85,7 +85,7 @@ def ensure_ready(region: str, instance_id: str, progress: Progress = print) -> N
 
 
 def _wait(client: Any, waiter: str, instance_id: str) -> None:
-    delay = float(settings.env("WAITER_DELAY") or 5)
+    delay = float(paths.env("WAITER_DELAY") or 5)
     attempts = max(1, int(900 / max(delay, 0.1)))  # fifteen minutes, whatever the delay
     client.get_waiter(waiter).wait(
         InstanceIds=[instance_id], WaiterConfig={"Delay": delay, "MaxAttempts": attempts}

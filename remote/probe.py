@@ -2,10 +2,11 @@
 
     python3 remote/probe.py ~/tinycloud/runs          # what `fab status` and `fab runs` read
 
-Standard library only, and no imports from this repository: `fab` sends this file's source to
-the host's ``python3 -c``, so it works before (and without) the job environment. Progress comes
-from ``run.json`` alone, as the job contract says; a run whose ``run.json`` says ``running`` but
-whose process is gone was killed (SIGKILL, OOM, a reboot) and is reported as ``killed``.
+Standard library and ``facts.py`` only: `fab` sends this file's source, with ``facts.py``
+bundled in front (``launch.probe_script``), to the host's ``python3 -c``, so it works before
+(and without) the job environment or any code on the host. Progress comes from ``run.json``
+alone, as the job contract says; a run whose ``run.json`` says ``running`` but whose process is
+gone was killed (SIGKILL, OOM, a reboot) and is reported as ``killed``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-PID_FILE = ".pid"  # written by `fab train` beside run.json: the launcher's pid (a session leader)
+from facts import MANIFEST, MODEL_DIR, PID_FILE, RUN_JSON, RUNS_DIR_NAME, RunState
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -46,7 +47,7 @@ def read_pid(path: Path) -> int | None:
 
 def run_info(run_dir: Path) -> dict:
     try:
-        meta = json.loads((run_dir / "run.json").read_text())
+        meta = json.loads((run_dir / RUN_JSON).read_text())
     except (OSError, ValueError):
         meta = {}
     launcher = read_pid(run_dir / PID_FILE)
@@ -56,8 +57,8 @@ def run_info(run_dir: Path) -> dict:
     if alive and not writer_alive:
         state = "starting"  # importing torch; run.json (if any) is an earlier attempt's
     elif alive:
-        state = "finishing" if status == "completed" else status or "running"
-    elif status == "running":
+        state = "finishing" if status == RunState.COMPLETED else status or RunState.RUNNING
+    elif status == RunState.RUNNING:
         state = "killed"
     else:
         state = status or "failed to start"
@@ -81,8 +82,8 @@ def run_info(run_dir: Path) -> dict:
         "state": state,
         "alive": alive,
         "pid": launcher if pid_alive(launcher) else meta.get("pid"),
-        "has_model": (run_dir / "model" / "config.json").is_file(),
-        "has_manifest": (run_dir / "manifest.sha256").is_file(),
+        "has_model": (run_dir / MODEL_DIR / "config.json").is_file(),
+        "has_manifest": (run_dir / MANIFEST).is_file(),
     }
 
 
@@ -105,9 +106,9 @@ def host_info(root: Path) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    root = Path(argv[0]).expanduser() if argv else Path("runs")
+    root = Path(argv[0]).expanduser() if argv else Path(RUNS_DIR_NAME)
     dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    runs = [run_info(d) for d in dirs if (d / "run.json").exists() or (d / PID_FILE).exists()]
+    runs = [run_info(d) for d in dirs if (d / RUN_JSON).exists() or (d / PID_FILE).exists()]
     json.dump({"runs": runs, "host": host_info(root)}, sys.stdout)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from remote import settings
-from remote.host import Target, write_secret
+from remote import paths
+from remote.target import Target, write_secret
 
 
 def default_prompt_format() -> dict[str, Any]:
@@ -26,7 +26,7 @@ def default_prompt_format() -> dict[str, Any]:
 
 
 def out_dir(target: Target) -> Path:
-    return settings.rendered_dir() / target.state_dir.name
+    return paths.rendered_dir() / target.state_dir.name
 
 
 def render_prompt_script(target: Target, url: str, api_key: str) -> Path:

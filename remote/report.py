@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from facts import duration
+
 GIB = 1024**3
 
 
@@ -76,6 +78,4 @@ def _eta(r: dict[str, Any]) -> str:
     eta = r.get("eta_s")
     if r["state"] != "running" or eta is None:
         return "-"
-    minutes, seconds = divmod(int(eta), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+    return duration(eta)

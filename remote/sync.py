@@ -24,10 +24,19 @@ from pathlib import Path
 
 from invoke import Exit
 
-from remote import settings
-from remote.runner import Runner, SshRunner
+from facts import sha256_file
+from remote import paths
+from remote.runner import PYTHON_FILE, Runner, SshRunner
 
 q = shlex.quote
+
+# What `fab setup` ships: the job code, the serving code, the shared facts, and the empty package
+# marker that makes `python -m remote.jobs.pretrain` importable without the control side.
+SYNC_DIRS = ("remote/jobs", "serving")
+SYNC_FILES = ("facts.py", "remote/__init__.py")
+SYNC_EXCLUDES = ("__pycache__", "*.pyc", ".pytest_cache")
+REQUIREMENTS_FILE = "requirements.txt"  # in the work directory on the host
+ENV_STAMP = ".venv/.tinycloud-stamp"  # digest of what the environment was built from
 ENV_GROUPS = ("train", "serve")  # the dependency groups the host needs (pyproject.toml)
 PYTHON_VERSION = "3.12"  # what uv installs on the host when it builds the environment
 UV_ON_HOST = '"$(command -v uv || echo "$HOME/.local/bin/uv")"'  # cloud-init puts uv on PATH
@@ -35,19 +44,19 @@ UV_ON_HOST = '"$(command -v uv || echo "$HOME/.local/bin/uv")"'  # cloud-init pu
 
 def local_files() -> dict[str, Path]:
     """Relative path -> file, for everything `fab setup` ships."""
-    files = {rel: settings.ROOT / rel for rel in settings.SYNC_FILES}
-    for top in settings.SYNC_DIRS:
-        for dirpath, dirs, names in os.walk(settings.ROOT / top):
+    files = {rel: paths.ROOT / rel for rel in SYNC_FILES}
+    for top in SYNC_DIRS:
+        for dirpath, dirs, names in os.walk(paths.ROOT / top):
             dirs[:] = [d for d in dirs if not _excluded(d)]
             for n in names:
                 if not _excluded(n):
                     path = Path(dirpath) / n
-                    files[path.relative_to(settings.ROOT).as_posix()] = path
+                    files[path.relative_to(paths.ROOT).as_posix()] = path
     return dict(sorted(files.items()))
 
 
 def _excluded(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, pat) for pat in settings.SYNC_EXCLUDES)
+    return any(fnmatch.fnmatch(name, pat) for pat in SYNC_EXCLUDES)
 
 
 def sync_code(runner: Runner, method: str = "auto") -> list[str]:
@@ -66,8 +75,8 @@ def sync_code(runner: Runner, method: str = "auto") -> list[str]:
 def rsync(runner: SshRunner) -> list[str]:
     t = runner.target
     ssh = shlex.join(t.ssh_argv("-o", "BatchMode=yes")[:-1])  # rsync appends user@host
-    excludes = [f"--exclude={pat}" for pat in settings.SYNC_EXCLUDES]
-    sources = [*settings.SYNC_FILES, *(f"{d}/" for d in settings.SYNC_DIRS)]
+    excludes = [f"--exclude={pat}" for pat in SYNC_EXCLUDES]
+    sources = [*SYNC_FILES, *(f"{d}/" for d in SYNC_DIRS)]
     runner.run(f"mkdir -p {q(runner.base)}")
     cmd = [
         "rsync",
@@ -81,7 +90,7 @@ def rsync(runner: SshRunner) -> list[str]:
         *sources,
         f"{t.user}@{t.host}:{runner.base}/",
     ]
-    proc = subprocess.run(cmd, cwd=settings.ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=paths.ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise Exit(f"rsync to {t.host} failed: {proc.stderr.strip()}. Retry with --sync sftp.")
     changed = []
@@ -94,21 +103,21 @@ def rsync(runner: SshRunner) -> list[str]:
 
 def sftp_sync(runner: SshRunner) -> list[str]:
     """Compare sha256 digests and upload only what differs; delete what the checkout lost."""
-    local = {rel: _sha256(p) for rel, p in local_files().items()}
+    local = {rel: sha256_file(p) for rel, p in local_files().items()}
     remote = _remote_digests(runner)
     send = [rel for rel, digest in local.items() if remote.get(rel) != digest]
-    tops = tuple(f"{d}/" for d in settings.SYNC_DIRS)
+    tops = tuple(f"{d}/" for d in SYNC_DIRS)
     gone = [rel for rel in remote if rel not in local and rel.startswith(tops)]
     for rel in send:
-        mode = 0o755 if os.access(settings.ROOT / rel, os.X_OK) else 0o644
-        runner.put_bytes((settings.ROOT / rel).read_bytes(), rel, mode)
+        mode = 0o755 if os.access(paths.ROOT / rel, os.X_OK) else 0o644
+        runner.put_bytes((paths.ROOT / rel).read_bytes(), rel, mode)
     if gone:
         runner.sh("rm -f " + " ".join(q(g) for g in gone))
     return send + [f"deleted {g}" for g in gone]
 
 
 def _remote_digests(runner: Runner) -> dict[str, str]:
-    tops = " ".join(q(p) for p in (*settings.SYNC_DIRS, *settings.SYNC_FILES))
+    tops = " ".join(q(p) for p in (*SYNC_DIRS, *SYNC_FILES))
     r = runner.sh(
         f"find {tops} -type f ! -path '*/__pycache__/*' ! -name '*.pyc' "
         "-exec sha256sum {} + 2>/dev/null; true"
@@ -121,16 +130,12 @@ def _remote_digests(runner: Runner) -> dict[str, str]:
     return digests
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # --- the environment ---------------------------------------------------------------------------
 
 
 def requirements() -> str:
     """The host's requirements: the train and serve groups of pyproject.toml, nothing else."""
-    groups = tomllib.loads((settings.ROOT / "pyproject.toml").read_text())["dependency-groups"]
+    groups = tomllib.loads((paths.ROOT / "pyproject.toml").read_text())["dependency-groups"]
 
     def expand(name: str) -> list[str]:
         out: list[str] = []
@@ -144,13 +149,13 @@ def requirements() -> str:
 
 def ensure_env(runner: Runner, *, python: str = "", torch_backend: str = "auto") -> str:
     """Make sure the host has an interpreter with the job dependencies; what was done."""
-    python = python or settings.env("PYTHON")
+    python = python or paths.env("PYTHON")
     if python or runner.local:
         return use_interpreter(runner, python or runner.python())
     reqs = requirements()
     stamp = hashlib.sha256(f"{torch_backend}\n{reqs}".encode()).hexdigest()
     venv_python = runner.path(".venv/bin/python")
-    current = runner.read_text(settings.ENV_STAMP)
+    current = runner.read_text(ENV_STAMP)
     if (
         current
         and current.strip() == stamp
@@ -158,12 +163,12 @@ def ensure_env(runner: Runner, *, python: str = "", torch_backend: str = "auto")
     ):
         use_interpreter(runner, venv_python, check=False)
         return "environment up to date"
-    runner.put_bytes(reqs.encode(), settings.REQUIREMENTS_FILE)
-    uv = q(settings.env("UV")) if settings.env("UV") else UV_ON_HOST
+    runner.put_bytes(reqs.encode(), REQUIREMENTS_FILE)
+    uv = q(paths.env("UV")) if paths.env("UV") else UV_ON_HOST
     r = runner.sh(
         f"{uv} venv --allow-existing --python {PYTHON_VERSION} .venv && "
         f"{uv} pip install --python .venv/bin/python --torch-backend {q(torch_backend)} "
-        f"-r {settings.REQUIREMENTS_FILE}",
+        f"-r {REQUIREMENTS_FILE}",
         hide=False,
         warn=True,
     )
@@ -172,7 +177,7 @@ def ensure_env(runner: Runner, *, python: str = "", torch_backend: str = "auto")
             "building the environment failed (output above). uv comes from cloud-init on a "
             "tinycloud host; elsewhere install it (https://docs.astral.sh/uv/) or pass --python."
         )
-    runner.put_bytes(f"{stamp}\n".encode(), settings.ENV_STAMP)
+    runner.put_bytes(f"{stamp}\n".encode(), ENV_STAMP)
     use_interpreter(runner, venv_python, check=False)
     return f"environment built (torch backend: {torch_backend})"
 
@@ -183,5 +188,5 @@ def use_interpreter(runner: Runner, python: str, check: bool = True) -> str:
         r = runner.sh(f"{q(python)} -c 'import sys; print(sys.version.split()[0])'", warn=True)
         if not r.ok:
             raise Exit(f"--python {python}: it does not run on the host ({r.stderr.strip()}).")
-    runner.put_bytes(f"{python}\n".encode(), settings.PYTHON_FILE)
+    runner.put_bytes(f"{python}\n".encode(), PYTHON_FILE)
     return f"using {python} (no environment build)"

@@ -9,7 +9,7 @@
     fab stop / fab start                   # stop paying for compute; come back later
 
 Every task that touches the host takes --target/--stack/--host/--user/--key (or the
-TINYCLOUD_* environment variables, see remote/settings.py); `--target local` runs the same
+TINYCLOUD_* environment variables, see remote/paths.py); `--target local` runs the same
 jobs on this machine without SSH. Heavy modules (boto3, Jinja2 templates) load inside the
 tasks that need them, so `fab --list` stays instant; torch is never imported here.
 """
@@ -27,9 +27,10 @@ from typing import Any
 
 from invoke import Collection, Exit, task
 
-from remote import settings
-from remote.host import Target, resolve
+from facts import API_PORT, RUNS_DIR_NAME, Output
+from remote import paths
 from remote.runner import Runner, connect
+from remote.target import Target, resolve
 
 HOST_HELP = {
     "target": "remote (default) or local: this machine, no SSH  [TINYCLOUD_TARGET]",
@@ -104,7 +105,7 @@ def setup(
         _aws(ensure_ready, where.region, where.instance_id)
     with connect(where) as runner:
         if not where.local:
-            required = where.from_stack or bool(settings.env("READY_MARKER"))
+            required = where.from_stack or bool(paths.env("READY_MARKER"))
             wait_for_boot(runner, required=required, timeout=wait)
         changed = sync_code(runner, sync)
         print(f"code: {len(changed)} file(s) updated" + _listing(changed))
@@ -206,16 +207,17 @@ def logs(
     c, run="", follow=False, console=False, lines=40, target="", stack="", host="", user="", key=""
 ):
     """Show a run's train.log (or --console output); --follow streams it."""
-    from remote.launch import CONSOLE, TRAIN_LOG, latest_run
+    from facts import CONSOLE_LOG, TRAIN_LOG
     from remote.launch import follow as follow_log
+    from remote.launch import latest_run
 
-    log = CONSOLE if console else TRAIN_LOG
+    log = CONSOLE_LOG if console else TRAIN_LOG
     with _session(target, stack, host, user, key) as (_where, runner):
         name = run or latest_run(runner)["name"]
         if follow:
             follow_log(runner, name, log)
             return
-        path = f"{settings.RUNS_DIR}/{name}/{log}"
+        path = f"{RUNS_DIR_NAME}/{name}/{log}"
         r = runner.sh(f"tail -n {int(lines)} {shlex.quote(path)}", warn=True)
         if not r.ok:
             raise Exit(f"no {log} for run {name!r} yet. `fab runs` lists the runs.")
@@ -262,7 +264,7 @@ def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
     from remote.launch import check_name
 
     name = check_name(run)
-    out = Path(dest) if dest else settings.local_runs_dir() / name
+    out = Path(dest) if dest else paths.local_runs_dir() / name
     with _session(target, stack, host, user, key) as (_where, runner):
         report = fetch_run(runner, name, out)
     for rel in report.repaired:
@@ -323,8 +325,8 @@ def serve(
         info = find_run(runner, run) if run else latest_run(runner, with_model=True)
         if not info or not info["has_model"]:
             raise Exit(f"run {run!r} has no model/ on the host yet. `fab status` shows the runs.")
-        model_dir = runner.path(f"{settings.RUNS_DIR}/{info['name']}/model")
-        port = int(port) or (settings.API_PORT if where.local else where.api_port)
+        model_dir = runner.path(f"{RUNS_DIR_NAME}/{info['name']}/model")
+        port = int(port) or (API_PORT if where.local else where.api_port)
         api_key = srv.api_key(where)
         how = _start_engine(runner, where, engine, model_dir, port, bind, quantize, api_key)
         print(f"serving {info['name']} with {how}")
@@ -384,7 +386,7 @@ def _api_url(where: Target, port: int) -> str:
         return f"http://127.0.0.1:{port}"
     if port == where.api_port:
         return where.api_url
-    return f"http://{where.outputs.get('public_dns') or where.host}:{port}"
+    return f"http://{where.outputs.get(Output.PUBLIC_DNS) or where.host}:{port}"
 
 
 def _render_clients(where: Target, url: str, api_key: str, fmt: dict | None) -> Path:
@@ -524,9 +526,9 @@ def stop(c, stack=""):
 
 
 def _aws_target(stack: str) -> Target:
-    from remote.host import stack_target
+    from remote.target import stack_target
 
-    where = stack_target(stack or settings.env("STACK"))
+    where = stack_target(stack or paths.env("STACK"))
     if not (where.instance_id and where.region):
         raise Exit("the stack outputs name no instance_id/region. Run `pulumi up` first.")
     return where
@@ -570,7 +572,7 @@ def demo(c, fresh=False, scale="1", port=0, question=""):
     url = load_served(where)["url"]
     question = question or d.QUESTION
     answer = generate(url, api_key(where), format_prompt(question), 48)["generated_text"]
-    page = settings.rendered_dir() / where.state_dir.name / "chat.html"
+    page = paths.rendered_dir() / where.state_dir.name / "chat.html"
     print(
         "\ntinycloud demo is up\n"
         f"  chat page   {page}   (open it, or `fab chat --target local`)\n"

@@ -1,16 +1,15 @@
-"""Every number and name the serving side agrees on: ports, limits, error types, the TGI image.
+"""Every number and name the serving side alone uses: limits, error types, the TGI image.
 
 The native server, the launch/prompt script templates and the tests all read these; nothing
-else spells them out.
+else spells them out. What other layers need too (the API port, the API key's variable, the
+finish reasons, the prompt format's file name) is in the top-level ``facts.py``.
 """
 
 from __future__ import annotations
 
-# --- network ---------------------------------------------------------------------------------
+# --- network (the API port and the key's variable are in facts.py: every layer uses them) ---
 DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise; the VM passes --host 0.0.0.0
-DEFAULT_PORT = 8080  # the API port, native server and TGI alike
 TGI_CONTAINER_PORT = 80  # what TGI listens on inside its container
-API_KEY_ENV = "TINYCLOUD_API_KEY"  # env var the native server reads its API key from
 
 # --- the TGI image -----------------------------------------------------------------------------
 DEFAULT_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.1.0"
@@ -31,16 +30,9 @@ ERROR_OVERLOADED = "overloaded"  # 429
 ERROR_AUTH = "authentication"  # 401
 ERROR_GENERATION = "generation"  # 500: the model itself failed
 ERROR_NOT_FOUND = "not_found"  # 404
-
-# --- finish reasons (TGI's names) --------------------------------------------------------------
-FINISH_LENGTH = "length"
-FINISH_EOS = "eos_token"
-FINISH_STOP = "stop_sequence"
+ERROR_TEMPLATE = "template_error"  # 422: the chat template could not render the messages
+ERROR_HTTP = "http"  # any other HTTP error (405, ...)
 
 # --- what /info reports ----------------------------------------------------------------------
 VERSION = "3.1.0-tinycloud"  # the TGI API version spoken, tagged as ours
 ROUTER_NAME = "tinycloud-native"
-
-# Written by remote/jobs/prompts.py (PROMPT_FORMAT_FILE) beside the model; serving may not import
-# remote.jobs, so the name is repeated here and a test checks the two agree.
-PROMPT_FORMAT_FILE = "prompt_format.json"

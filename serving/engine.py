@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from facts import FinishReason
 from serving import constants as C
 from serving.model import LoadedModel
 from serving.sampling import choose
@@ -275,14 +276,14 @@ class Engine:
         seq.tokens.append(out)  # for details=true; a few dozen bytes a token
         reason = None
         if len(seq.generated) >= spec.max_new_tokens:
-            reason = C.FINISH_LENGTH
+            reason = FinishReason.LENGTH
         elif token in self.loaded.eos_token_ids:
-            reason = C.FINISH_EOS
+            reason = FinishReason.EOS
         elif spec.stop and not special:
             start = max(0, len(seq.text) - max(map(len, spec.stop)) + 1)
             seq.text += text
             if any(stop in seq.text[start:] for stop in spec.stop):
-                reason = C.FINISH_STOP
+                reason = FinishReason.STOP
         if reason is None:
             seq.next_token = token
             seq.post(out, None)

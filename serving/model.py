@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facts import PROMPT_FORMAT_FILE
 from serving import constants as C
 
 
@@ -101,7 +102,7 @@ def quantize_int8(model: Any) -> Any:
 
 
 def read_prompt_format(model_dir: Path) -> dict[str, Any] | None:
-    path = model_dir / C.PROMPT_FORMAT_FILE
+    path = model_dir / PROMPT_FORMAT_FILE
     if not path.is_file():
         return None
     try:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from facts import FinishReason
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -76,9 +78,6 @@ class PrefillToken(_Response):
     id: int
     text: str
     logprob: float | None
-
-
-FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
 class Details(_Response):
@@ -268,4 +267,4 @@ class ChatCompletionChunk(_OpenAIResponse):
 def openai_finish_reason(reason: str) -> str:
     """TGI's /v1 routes say ``stop`` for EOS (``FinishReason::format(true)``) and keep
     ``length`` and ``stop_sequence`` as they are."""
-    return "stop" if reason == "eos_token" else reason
+    return "stop" if reason == FinishReason.EOS else str(reason)

@@ -115,7 +115,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TemplateError)
     async def template(_: Request, exc: TemplateError) -> JSONResponse:
-        return error(422, str(exc), "template_error")
+        return error(422, str(exc), C.ERROR_TEMPLATE)
 
     @app.exception_handler(Overloaded)
     async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
@@ -127,7 +127,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http(_: Request, exc: HTTPException) -> JSONResponse:
-        kind = C.ERROR_NOT_FOUND if exc.status_code == 404 else "http"
+        kind = C.ERROR_NOT_FOUND if exc.status_code == 404 else C.ERROR_HTTP
         return error(exc.status_code, str(exc.detail), kind, **(exc.headers or {}))
 
 

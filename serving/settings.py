@@ -10,6 +10,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from facts import API_KEY_ENV, API_PORT
 from serving import constants as C
 
 
@@ -17,7 +18,7 @@ from serving import constants as C
 class Settings:
     model: str  # a save_pretrained directory (or a hub id, for users with the network)
     host: str = C.DEFAULT_HOST
-    port: int = C.DEFAULT_PORT
+    port: int = API_PORT
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     quantize: str | None = None  # None | "int8"
@@ -53,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="model directory (save_pretrained output)")
     p.add_argument("--host", default=C.DEFAULT_HOST, help="address to bind (default loopback)")
-    p.add_argument("--port", type=int, default=C.DEFAULT_PORT, help="TCP port")
+    p.add_argument("--port", type=int, default=API_PORT, help="TCP port")
     p.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer KEY' (or set ${C.API_KEY_ENV}; the flag wins)",
+        help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV}; the flag wins)",
     )
     p.add_argument(
         "--cors-origin",
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def from_args(argv: list[str] | None = None) -> Settings:
     """Parse flags; the API key falls back to the environment so it need not sit in `ps`."""
     args = build_parser().parse_args(argv)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(C.API_KEY_ENV) or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     return Settings(
         model=args.model,
         host=args.host,

@@ -23,7 +23,7 @@ Data accepted (``--dataset``):
 - nothing (``--dataset`` unset): the shipped ``remote/jobs/data/preference_pairs.jsonl``
   (finetune fills it in).
 
-Reading and formatting rows is presets.py's job (``kind="preference"``); this module only drops
+Reading and formatting rows is dataset.py's job (``kind="preference"``); this module only drops
 pairs that cannot teach anything.
 """
 
@@ -34,10 +34,11 @@ import logging
 import shutil
 from pathlib import Path
 
+from facts import RunState
+from remote.jobs.dataset import DatasetError
 from remote.jobs.dist import Dist
 from remote.jobs.errors import JobError
-from remote.jobs.presets import DatasetError
-from remote.jobs.rundir import COMPLETED, RunDir
+from remote.jobs.rundir import RunDir
 
 log = logging.getLogger("tinycloud.dpo")
 
@@ -67,12 +68,12 @@ class PreferenceDataError(DatasetError):
 
 
 def to_pair(row: dict[str, str], eos: str) -> dict[str, str] | None:
-    """One preference row (presets.py's PREFERENCE fields) as a trl example in our format.
+    """One preference row (dataset.py's PREFERENCE fields) as a trl example in our format.
 
     None for rows that teach DPO nothing: dialogues whose histories differ before the last
     turn, no final assistant reply, or the same answer twice.
     """
-    from remote.jobs.presets import format_preference, parse_dialogue, render_turns
+    from remote.jobs.dataset import format_preference, parse_dialogue, render_turns
 
     try:
         prompt, chosen, rejected = format_preference(row, eos)
@@ -92,12 +93,12 @@ def build_pairs(
 ):
     """(train, held-out-or-None) ``datasets.Dataset`` of prompt/chosen/rejected strings.
 
-    ``dataset`` goes through presets.py (preset name, local file or hub id) read as
+    ``dataset`` goes through dataset.py (preset name, local file or hub id) read as
     preference data; unset means the shipped pairs.
     """
     from datasets import Dataset
 
-    from remote.jobs.presets import PREFERENCE, hold_out, load_rows
+    from remote.jobs.dataset import PREFERENCE, hold_out, load_rows
 
     source = dataset or str(SHIPPED_PAIRS)
     try:
@@ -209,7 +210,7 @@ def train_dpo(args: argparse.Namespace, run: RunDir | None, dist: Dist) -> None:
     run.plot_loss(f"{run.path.name} (DPO, beta {args.beta})")
     final = next((r for r in reversed(run.metrics()) if "reward_margin" in r), {})
     run.finish(
-        COMPLETED,
+        RunState.COMPLETED,
         step=trainer.state.global_step,
         max_steps=trainer.state.max_steps,
         train_loss=result.training_loss,

@@ -17,13 +17,13 @@ to stop shows ``eos_token`` where the base model shows ``length``.
 
 Prompts come from ``--prompts FILE`` (``.txt``: one instruction per line, ``#`` comments;
 ``.jsonl``: instruction/input rows), from ``--dataset`` (a preset, file or hub id, via
-presets.py; a reference answer column is added when the rows have one), or by default from the
+dataset.py; a reference answer column is added when the rows have one), or by default from the
 shipped ``remote/jobs/data/eval_prompts.txt``. Each is formatted with prompts.format_prompt,
 unless ``--raw-prompts`` (for a pretrained model that never saw the format).
 
 ``--eval-data`` scores each model on held-out rows: the loss on the answer tokens only, as
 fine-tuning trains, and its perplexity ``exp(loss)``. It takes the same ``--limit``/``--seed``
-as ``finetune`` and uses presets.load_splits, so it scores the very rows that run held out.
+as ``finetune`` and uses dataset.load_splits, so it scores the very rows that run held out.
 Loss is per token of each model's own tokenizer: compare models that share one.
 
 Under torchrun every rank loads the models and answers every N-th prompt and scores every N-th
@@ -45,11 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facts import FinishReason, RunState
 from remote.jobs import dist as distlib
 from remote.jobs import rundir
 from remote.jobs.errors import Interrupted, JobError
 from remote.jobs.flags import opt, parse
-from remote.jobs.generation import EOS, Answer, RewardModel, Settings
+from remote.jobs.generation import Answer, RewardModel, Settings
 from remote.jobs.guard import Guard
 from remote.jobs.models import pick_device
 from remote.jobs.prompts import format_prompt
@@ -173,8 +174,8 @@ def read_prompt_file(path: Path) -> list[Prompt]:
 
 
 def prompt_from_row(kind: str, row: dict[str, str], eos: str) -> Prompt | None:
-    """A dataset row (presets.py fields) as a prompt plus the answer the data gives."""
-    from remote.jobs.presets import parse_dialogue, render_turns
+    """A dataset row (dataset.py fields) as a prompt plus the answer the data gives."""
+    from remote.jobs.dataset import parse_dialogue, render_turns
 
     if kind == "instruction":
         return Prompt(row["instruction"], row.get("input", ""), row.get("output", ""))
@@ -201,7 +202,7 @@ def draw_prompts(c: Config) -> list[Prompt]:
     else:
         import random
 
-        from remote.jobs.presets import load_rows
+        from remote.jobs.dataset import load_rows
 
         rows = load_rows(c.dataset, limit=c.limit, columns=c.columns)
         picked = [prompt_from_row(rows.kind, r, "") for r in rows.rows]
@@ -246,7 +247,7 @@ def summarize(answers: list[Answer], loss: tuple[float, int] | None) -> dict[str
     rewards = [a.reward for a in answers if a.reward is not None]
     out: dict[str, Any] = {
         "answers": n,
-        "stopped_at_eos": sum(a.finish_reason == EOS for a in answers),
+        "stopped_at_eos": sum(a.finish_reason == FinishReason.EOS for a in answers),
         "mean_new_tokens": round(sum(a.new_tokens for a in answers) / max(n, 1), 2),
         "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
     }
@@ -364,7 +365,7 @@ def run_eval(c: Config, d: distlib.Dist, run: rundir.RunDir | None, stop: StopSi
     prompts = draw_prompts(c)
     held_out = None
     if c.eval_data:
-        from remote.jobs.presets import load_splits
+        from remote.jobs.dataset import load_splits
 
         _, held_out = load_splits(c.eval_data, limit=c.limit, columns=c.columns, seed=c.seed)
         held_out.rows = held_out.rows[: c.eval_rows]
@@ -421,7 +422,7 @@ def write_outputs(c, run, models, prompts, answers, summary) -> None:
         run.path.name, models, prompts, answers, summary, c.settings(), c.raw_prompts
     )
     rundir.atomic_write_bytes(run.path / REPORT_MD, text.encode())
-    run.finish(rundir.COMPLETED, summary=summary)
+    run.finish(RunState.COMPLETED, summary=summary)
     run.write_manifest()
 
 

@@ -12,7 +12,7 @@ It writes ``runs/<name>/`` (see rundir.py): run.json with progress and peak memo
 metrics.jsonl, loss.png, and ``model/``, a plain ``save_pretrained`` directory (LoRA is merged
 in) whose tokenizer carries the chat template of prompts.py, so TGI and the native server both
 serve it. Instruction data is trained in the Alpaca format with EOS closing every answer and
-loss on the answer alone; see batching.py for why it is several times faster than the course's
+loss on the answer alone; see sft_batches.py for why it is several times faster than the course's
 recipe. Before loading any weights it estimates the memory the run needs (memory.py) and stops
 with the numbers if the machine does not have it.
 """
@@ -29,21 +29,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from facts import RunState
 from remote.jobs import dist as distlib
 from remote.jobs import memory, rundir
-from remote.jobs.batching import (
+from remote.jobs.dataset import describe_presets, load_splits
+from remote.jobs.errors import JobError
+from remote.jobs.guard import Guard
+from remote.jobs.models import add_lora, load_hint, load_tokenizer, pick_device, save_model
+from remote.jobs.optimizers import OPTIMIZERS, optimizer_spec
+from remote.jobs.packed_attention import use_packed_attention
+from remote.jobs.sft_batches import (
     FlattenBatch,
     PadToLongest,
     rebalance,
     response_loss,
     tokenize_examples,
 )
-from remote.jobs.errors import JobError
-from remote.jobs.guard import Guard
-from remote.jobs.models import add_lora, load_hint, load_tokenizer, pick_device, save_model
-from remote.jobs.optimizers import OPTIMIZERS, optimizer_spec
-from remote.jobs.packed_attention import use_packed_attention
-from remote.jobs.presets import describe_presets, load_splits
 
 # --- defaults (one per line; every one is a flag) --------------------------------------------
 MODEL = "gpt2"  # hub id or a local save_pretrained dir (e.g. runs/<pretrain>/model)
@@ -70,7 +71,7 @@ EVAL_STEPS = 0  # optimizer steps between val-loss rows; 0 = five evaluations pe
 SAVE_STEPS = 0  # optimizer steps between checkpoints; 0 = same as evaluations
 SEED = 1337  # data order, validation hold-out, LoRA init
 REPORT_TO = "none"  # Trainer trackers: none | tensorboard | mlflow | wandb | all
-BATCHING = "packed"  # packed | padded (batching.py; the bench times both)
+BATCHING = "packed"  # packed | padded (sft_batches.py; the bench times both)
 BATCHINGS = ("packed", "padded")
 PRECISION = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on GPUs (fp16 if none), fp32 on CPUs
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -376,8 +377,8 @@ def make_trainer(
     packing: bool = False,
     callbacks: list | None = None,
 ) -> Any:
-    """A Trainer whose loss is ``batching.response_loss``: lm_head only where labels are; each
-    step's micro-batches re-cut for the least padding (``batching.rebalance``); counting the
+    """A Trainer whose loss is ``sft_batches.response_loss``: lm_head only where labels are; each
+    step's micro-batches re-cut for the least padding (``sft_batches.rebalance``); counting the
     real (non-padding) tokens it trains on and the shapes it computed."""
     from transformers import Trainer
 
@@ -503,7 +504,7 @@ def finish_run(run: rundir.RunDir, trainer: Any, tok: Any, final: dict, peak_mb:
     run.plot_loss()
     losses = [r["loss"] for r in state.log_history if "loss" in r]
     run.finish(
-        rundir.COMPLETED,
+        RunState.COMPLETED,
         step=state.global_step,
         max_steps=state.max_steps,
         loss=losses[-1] if losses else None,

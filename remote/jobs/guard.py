@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from facts import RunState
 from remote.jobs import dist, rundir
 from remote.jobs.errors import EXIT_ERROR, Interrupted, JobError, message
 
@@ -53,13 +54,13 @@ class Guard:
             if self.d.is_main:
                 print(f"error: {message(exc)}", file=sys.stderr)
                 log.debug("error", exc_info=True)
-            self._finish(rundir.FAILED, error=message(exc))
+            self._finish(RunState.FAILED, error=message(exc))
             return EXIT_ERROR
         except KeyboardInterrupt as exc:  # Interrupted, or a Ctrl-C before any handler was set
             stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
             if self.run is not None:
                 self.run.plot_loss()
-                self._finish(rundir.INTERRUPTED, **stop.fields)
+                self._finish(RunState.INTERRUPTED, **stop.fields)
                 print(
                     f"interrupted by {signal.Signals(stop.signum).name}; continue with "
                     f"--resume --name {self.run.path.name}",
@@ -67,7 +68,7 @@ class Guard:
                 )
             return stop.exit_code
         except BaseException as exc:  # a bug: keep the traceback, never leave "running" behind
-            self._finish(rundir.FAILED, error=f"{type(exc).__name__}: {exc}")
+            self._finish(RunState.FAILED, error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             if self.run is not None:

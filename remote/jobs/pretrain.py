@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from facts import RunState, duration
 from remote.jobs import corpus, dist, flags, rundir
-from remote.jobs.batches import TRAIN_STREAM, VAL_STREAM, Prefetcher, Windows, train_keys
 from remote.jobs.errors import Interrupted, JobError
 from remote.jobs.guard import Guard
 from remote.jobs.models import fuse_gelu, pick_device
 from remote.jobs.signals import StopSignal
+from remote.jobs.windows import TRAIN_STREAM, VAL_STREAM, Prefetcher, Windows, train_keys
 
 # --- defaults: one per line; every field is also a --flag ---------------------------------------
 opt = flags.opt
@@ -152,7 +153,9 @@ def configure_optimizer(model, c: Config, device):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device.type == "cuda"  # one kernel for the whole update; CPU has no fused AdamW
+    # One fused kernel per parameter group on CPU and CUDA (as optimizers.py does for the
+    # Trainer jobs); other devices keep the default implementation.
+    fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=fused)
 
 
@@ -431,7 +434,7 @@ class Pretraining:
         c = self.c
         log.info(
             "step %d/%d | loss %.4f | lr %.2e | %s tok/s | eta %s",
-            self.step, c.max_steps, loss, lr, f"{rate:,.0f}", _hms(eta),
+            self.step, c.max_steps, loss, lr, f"{rate:,.0f}", duration(eta),
         )  # fmt: skip
         self.run.append_metrics({"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": rate})
         self.run.update(
@@ -549,7 +552,7 @@ class Pretraining:
         self.raw.save_pretrained(self.run.model_dir)
         self.tok.save_pretrained(self.run.model_dir)
         self.run.plot_loss()
-        self.run.finish(rundir.COMPLETED, step=self.step, best_val_loss=self.best_val)
+        self.run.finish(RunState.COMPLETED, step=self.step, best_val_loss=self.best_val)
         self.run.write_manifest()
         log.info("done: best val loss %.4f; model in %s", self.best_val, self.run.model_dir)
 
@@ -568,11 +571,6 @@ class _Clock:
         self.last, self.last_step = now, step
         per_step = (now - self.start) / max(step - self.start_step, 1)
         return rate, per_step * (max_steps - step)
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # --- setting a run up ----------------------------------------------------------------------------

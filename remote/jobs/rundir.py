@@ -22,7 +22,6 @@ Only rank 0 of a distributed run writes here.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -36,22 +35,24 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from facts import (
+    CHECKPOINT,
+    CONSOLE_LOG,
+    LOSS_PLOT,
+    MANIFEST,
+    METRICS,
+    MODEL_DIR,
+    RUN_JSON,
+    RUN_NAME_RULE,
+    RUNS_DIR_NAME,
+    RUNS_ENV,
+    TRAIN_LOG,
+    TRAINER_CHECKPOINTS,
+    RunState,
+    is_run_name,
+    sha256_file,
+)
 from remote.jobs.errors import JobError
-
-RUNS_ENV = "TINYCLOUD_RUNS"  # overrides the runs root; `fab` sets it on the VM
-DEFAULT_RUNS_ROOT = "runs"  # relative to the working directory
-RUN_JSON = "run.json"
-TRAIN_LOG = "train.log"
-CONSOLE_LOG = "console.log"
-METRICS = "metrics.jsonl"
-CHECKPOINT = "ckpt.pt"
-TRAINER_CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N dirs (finetune, dpo), for --resume
-LOSS_PLOT = "loss.png"
-MODEL_DIR = "model"
-MANIFEST = "manifest.sha256"
-
-# Status values in run.json. A run whose status is RUNNING but whose pid is gone was killed.
-RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
 
 # Not covered by the manifest: still growing after it is written, or too large to be worth
 # shipping back by default (the checkpoint is for resuming on the VM).
@@ -72,7 +73,7 @@ class BadRunNameError(JobError, ValueError):
 
 def runs_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The runs root: the flag if given, else ``$TINYCLOUD_RUNS``, else ``./runs``."""
-    return Path(explicit or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_ROOT)
+    return Path(explicit or os.environ.get(RUNS_ENV) or RUNS_DIR_NAME)
 
 
 @contextlib.contextmanager
@@ -133,14 +134,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class RunDir:
     """One run's directory. Create with ``RunDir.create``; a job on rank != 0 gets ``None``."""
 
@@ -167,8 +160,8 @@ class RunDir:
         (start over) is given: a typo in ``--name`` must never cost somebody a finished model.
         All three refusals are ``JobError``s whose message says which flag to use.
         """
-        if not name or "/" in name or name in {".", ".."}:
-            raise BadRunNameError(f"bad run name {name!r}: use letters, digits, '-', '_' or '.'")
+        if not is_run_name(name):
+            raise BadRunNameError(f"bad run name {name!r}: use {RUN_NAME_RULE}")
         path = runs_root(root) / name
         run = cls(path)
         exists = (path / RUN_JSON).exists()
@@ -190,7 +183,7 @@ class RunDir:
             "name": name,
             "job": job,
             "args": args,
-            "status": RUNNING,
+            "status": RunState.RUNNING,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started_at": previous.get("started_at", _now()),
@@ -237,7 +230,7 @@ class RunDir:
         self.write_meta(meta)
         return meta
 
-    def finish(self, status: str = COMPLETED, **fields: Any) -> None:
+    def finish(self, status: str = RunState.COMPLETED, **fields: Any) -> None:
         self.update(status=status, finished_at=_now(), **fields)
 
     # --- logs and metrics -------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from facts import duration
 from remote.jobs import dist as distlib
 from remote.jobs.errors import Interrupted
 from remote.jobs.rundir import RunDir
@@ -164,7 +165,7 @@ def progress_line(row: dict[str, Any], max_steps: int, eta: float | None) -> str
     if "tokens_per_s" in row:
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
     if eta is not None:
-        parts.append(f"eta {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}")
+        parts.append(f"eta {duration(eta)}")
     known = {"step", "loss", "lr", "tokens_per_s"}
     parts += [f"{k} {v:.4g}" for k, v in row.items() if k not in known and isinstance(v, float)]
     return " | ".join(parts)

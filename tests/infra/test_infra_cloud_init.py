@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from facts import VM_RUNS_DIR, VM_STATE_DIR
 from infra import cloud_init
 
 PRIVATE = (
@@ -119,7 +120,7 @@ def test_keys_and_values_survive_yaml_exactly():
     assert "TINYCLOUD_API_PORT=9001\n" in env
     assert "TINYCLOUD_IDLE_MINUTES=0\n" in env
     assert "TINYCLOUD_GPU=1\n" in env
-    assert f"TINYCLOUD_RUNS={cloud_init.RUNS_DIR}\n" in env
+    assert f"TINYCLOUD_RUNS={VM_RUNS_DIR}\n" in env
     for package in ("python3-venv", "nftables", "jq"):
         assert package in config["packages"]
     assert config["package_update"] is True and config["package_upgrade"] is True
@@ -178,8 +179,8 @@ class Vm:
         self.env_file = root / "idle.env"
         self.env_file.write_text(
             cloud_init.idle_env(api_port=8080, idle_stop_minutes=idle_minutes, gpu=False)
-            .replace(cloud_init.RUNS_DIR, str(self.runs))
-            .replace(cloud_init.STATE_DIR, str(self.state))
+            .replace(VM_RUNS_DIR, str(self.runs))
+            .replace(VM_STATE_DIR, str(self.state))
         )
         for name, body in FAKE_TOOLS.items():
             self.tool(name, body)

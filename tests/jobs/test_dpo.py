@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from facts import RunState
 from remote.jobs import dpo, finetune
+from remote.jobs.dataset import DatasetError
 from remote.jobs.dist import Dist
-from remote.jobs.presets import DatasetError
 from remote.jobs.prompts import format_prompt
-from remote.jobs.rundir import COMPLETED, RunDir
+from remote.jobs.rundir import RunDir
 
 HH_CHOSEN = (
     "\n\nHuman: What is a GPU?\n\nAssistant: A graphics processor.\n\nHuman: Is it fast?"
@@ -115,7 +116,7 @@ def test_dpo_raises_chosen_over_rejected_margin(tiny_model_dir, tmp_path):
     print(f"margin before {before:.2f}, after {after:.2f}")
     assert after > before + 1.0, (before, after)
     meta = run.read_meta()
-    assert meta["status"] == COMPLETED and meta["step"] == 8
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == 8
     metrics = run.metrics()
     assert all("loss" in r and "reward_margin" in r for r in metrics if "loss" in r)
     assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"]
@@ -134,7 +135,7 @@ def test_sigterm_via_finetune_main_is_interrupted_and_resumes(tiny_model_dir, tm
     import threading
     import time
 
-    from remote.jobs.rundir import INTERRUPTED, read_metrics
+    from remote.jobs.rundir import read_metrics
 
     argv = ["--method", "dpo", "--model", str(tiny_model_dir), "--runs-dir", str(tmp_path),
             "--name", "d", "--batch-size", "4", "--grad-accum", "1", "--max-length", "128",
@@ -158,10 +159,10 @@ def test_sigterm_via_finetune_main_is_interrupted_and_resumes(tiny_model_dir, tm
     assert code == 143 and "Traceback" not in err and "--resume --name d" in err
     meta = json.loads((run / "run.json").read_text())
     stopped = meta["step"]
-    assert meta["status"] == INTERRUPTED and stopped >= 2
+    assert meta["status"] == RunState.INTERRUPTED and stopped >= 2
     assert (run / "checkpoints" / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
     assert finetune.main([*argv, "--max-steps", str(stopped + 2), "--resume"]) == 0
     meta = json.loads((run / "run.json").read_text())
-    assert meta["status"] == COMPLETED and meta["step"] == stopped + 2
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == stopped + 2
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == stopped + 2  # nothing logged twice

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from facts import RunState
 from remote.jobs import finetune, rundir
 from remote.jobs.dist import Dist
 from remote.jobs.models import add_lora, save_model
@@ -49,7 +50,7 @@ def sft_run(tiny_model_dir, tmp_path_factory):
 def test_loss_falls_and_run_dir_is_complete(sft_run):
     path, _ = sft_run
     meta = json.loads((path / "run.json").read_text())
-    assert meta["status"] == rundir.COMPLETED and meta["step"] == 12
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == 12
     assert meta["peak_memory_mb"] > 0 and meta["memory_estimate"]["total_gib"] > 0
     assert meta["examples"] == {"train": 46, "val": 2} and meta["kind"] == "instruction"
     rows = rundir.read_metrics(path / "metrics.jsonl")
@@ -83,7 +84,7 @@ def test_existing_run_is_never_overwritten(sft_run, capsys):
     assert finetune.main(args) == 1
     assert "already exists" in capsys.readouterr().err
     assert (path / "model" / "model.safetensors").read_bytes() == before
-    assert json.loads((path / "run.json").read_text())["status"] == rundir.COMPLETED
+    assert json.loads((path / "run.json").read_text())["status"] == RunState.COMPLETED
 
 
 def test_user_errors_stop_before_any_run_dir(tiny_model_dir, tmp_path, capsys):
@@ -137,7 +138,7 @@ def test_gpt_neo_base_trains_through_the_same_flags(tiny_model_dir, tmp_path):
     args = argv(neo_dir, data, tmp_path, "neo", "--max-steps", "4", "--lr", "3e-3")
     assert finetune.main(args) == 0
     meta = json.loads((tmp_path / "neo" / "run.json").read_text())
-    assert meta["status"] == rundir.COMPLETED and meta["batching"] == "padded"
+    assert meta["status"] == RunState.COMPLETED and meta["batching"] == "padded"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "neo" / "model")
     assert type(model).__name__ == "GPTNeoForCausalLM"
 
@@ -207,7 +208,7 @@ def test_sigterm_checkpoints_and_resume_continues(tiny_model_dir, tmp_path):
         proc.kill()
         proc.wait()
     meta = json.loads((runs / "long" / "run.json").read_text())
-    assert meta["status"] == rundir.INTERRUPTED
+    assert meta["status"] == RunState.INTERRUPTED
     stopped = int(last_complete_checkpoint(ckpts).rsplit("-", 1)[1])
     assert (stopped >= 3 and stopped == meta["step"]) or stopped >= meta["step"]
     # Resume with a finish line just past the checkpoint: it continues, it does not restart.
@@ -216,7 +217,7 @@ def test_sigterm_checkpoints_and_resume_continues(tiny_model_dir, tmp_path):
     resumed[resumed.index("5000")] = str(target)
     assert finetune.main(resumed) == 0
     meta = json.loads((runs / "long" / "run.json").read_text())
-    assert meta["status"] == rundir.COMPLETED and meta["step"] == target and meta["resumed_at"]
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == target and meta["resumed_at"]
     steps = [r["step"] for r in rundir.read_metrics(runs / "long" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == target  # nothing logged twice
 
@@ -281,7 +282,7 @@ def test_finetune_and_evaluate_run_under_torchrun(tiny_model_dir, tmp_path):
              "--max-steps", "3", "--logging-steps", "1")  # fmt: skip
     assert sorted(p.name for p in runs.iterdir()) == ["ddp"]  # one run dir, named once
     meta = json.loads((runs / "ddp" / "run.json").read_text())
-    assert meta["status"] == rundir.COMPLETED and meta["step"] == 3
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == 3
     rows = [r for r in rundir.read_metrics(runs / "ddp" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]  # one writer: no step twice
     assert (runs / "ddp" / "train.log").read_text().count("model saved to") == 1
@@ -294,7 +295,7 @@ def test_finetune_and_evaluate_run_under_torchrun(tiny_model_dir, tmp_path):
     torchrun("remote.jobs.evaluate", *ev, "--name", "ev2")
     assert evaluate.main([*ev, "--name", "ev1", "--device", "cpu"]) == 0
     one, two = (json.loads((runs / n / "run.json").read_text()) for n in ("ev1", "ev2"))
-    assert two["status"] == rundir.COMPLETED
+    assert two["status"] == RunState.COMPLETED
     for label in ("base", "fine-tuned"):
         assert two["summary"][label]["eval_tokens"] == one["summary"][label]["eval_tokens"]
         assert two["summary"][label]["eval_loss"] == pytest.approx(
@@ -335,7 +336,7 @@ def test_evaluate_signal_to_one_rank_stops_both(tiny_model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     meta = json.loads((tmp_path / "ev" / "run.json").read_text())
-    assert meta["status"] == rundir.INTERRUPTED, proc.stderr.read()[-2000:]
+    assert meta["status"] == RunState.INTERRUPTED, proc.stderr.read()[-2000:]
     assert 4 <= len(report.read_text().splitlines()) < 200  # what was answered is kept
 
 

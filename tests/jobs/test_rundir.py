@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from facts import RunState
 from remote.jobs import rundir
 from remote.jobs.errors import JobError
 from remote.jobs.rundir import RunDir
@@ -23,7 +24,7 @@ def stale_run(root, name="r") -> RunDir:
                 ".ckpt.pt.abc.tmp", "console.log"):  # fmt: skip
         (run.path / rel).parent.mkdir(parents=True, exist_ok=True)
         (run.path / rel).write_text("old")
-    run.finish(rundir.COMPLETED)
+    run.finish(RunState.COMPLETED)
     run.close()
     return run
 
@@ -36,7 +37,7 @@ def test_overwrite_leaves_nothing_of_the_old_run(tmp_path):
     assert sorted(p.name for p in old.path.iterdir()) == ["console.log", "run.json", "train.log"]
     assert (old.path / "console.log").read_text() == "old"
     meta = run.read_meta()
-    assert meta["status"] == rundir.RUNNING and meta["args"] == {"new": 1}
+    assert meta["status"] == RunState.RUNNING and meta["args"] == {"new": 1}
     assert "old run line" not in (run.path / "train.log").read_text()
 
 

@@ -80,7 +80,7 @@ def test_status_table_and_host_line():
     ]
     table = report.status_table(runs).splitlines()
     assert table[0].split() == ["RUN", "JOB", "STATE", "STEP", "LOSS", "TOKENS/S", "ETA"]
-    assert table[1].split() == ["ft", "finetune", "running", "40/100", "1.2346", "1,234", "1h02m"]
+    assert table[1].split() == ["ft", "finetune", "running", "40/100", "1.2346", "1,234", "1:02:05"]
     assert table[2].split() == ["pre", "pretrain", "killed", "7/50", "-", "-", "-"]
     line = report.host_line(
         {

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from serving_helpers import ThreadServer, stream_events
 
+from facts import PROMPT_FORMAT_FILE
 from serving import constants as C
 from serving.model import load_model
 from serving.server import create_app
@@ -58,7 +59,7 @@ def test_health_is_open_and_info_describes_the_model(server, client, tiny_model_
     assert (info["max_input_tokens"], info["max_total_tokens"]) == (255, 256)
     assert info["max_stop_sequences"] == C.MAX_STOP_SEQUENCES
     assert info["version"] == C.VERSION
-    saved = json.loads((tiny_model_dir / C.PROMPT_FORMAT_FILE).read_text())
+    saved = json.loads((tiny_model_dir / PROMPT_FORMAT_FILE).read_text())
     assert info["prompt_format"] == saved
 
 
@@ -320,9 +321,3 @@ def test_tokenize_counts_like_the_model_tokenizer(client, tiny_model_dir):
     assert pieces[0]["start"] == 0 and pieces[-1]["stop"] == len(text)
     empty = client.post("/tokenize", json={"inputs": ""})
     assert empty.status_code == 422 and empty.json()["error_type"] == "validation"
-
-
-def test_prompt_format_file_name_matches_the_jobs():
-    from remote.jobs.prompts import PROMPT_FORMAT_FILE
-
-    assert C.PROMPT_FORMAT_FILE == PROMPT_FORMAT_FILE  # serving stands alone: two copies, one test

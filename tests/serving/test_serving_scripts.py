@@ -20,6 +20,7 @@ import httpx
 import pytest
 from serving_helpers import ROOT, start_subprocess_server, stop_subprocess_server
 
+from facts import API_KEY_ENV
 from serving import constants as C
 from serving.templates import render_launch_script, render_prompt_script, token_limits
 
@@ -35,7 +36,7 @@ def cli_server(tiny_model_dir):
     from conftest import free_port
 
     port = free_port()
-    proc = start_subprocess_server(["--model", str(tiny_model_dir)], port, {C.API_KEY_ENV: KEY})
+    proc = start_subprocess_server(["--model", str(tiny_model_dir)], port, {API_KEY_ENV: KEY})
     yield port
     stop_subprocess_server(proc)
 
@@ -79,12 +80,6 @@ def test_cli_refuses_a_missing_model_clearly(tmp_path):
     )
     assert r.returncode == 1
     assert r.stderr.startswith("error: could not load the model") and "Traceback" not in r.stderr
-
-
-def test_prompt_format_file_name_matches_the_jobs():
-    from remote.jobs.prompts import PROMPT_FORMAT_FILE
-
-    assert C.PROMPT_FORMAT_FILE == PROMPT_FORMAT_FILE
 
 
 # --- prompt.sh -----------------------------------------------------------------------------------
@@ -131,7 +126,7 @@ def test_prompt_sh_errors_are_clear(cli_server, tmp_path):
     keyless = write_script(tmp_path / "p.sh", render_prompt_script(url=url, api_key=None))
     r = run_prompt(keyless, "hi")
     assert r.returncode == 1 and "HTTP 401" in r.stderr and "Bearer" in r.stderr
-    r = run_prompt(keyless, "hi", "3", env={C.API_KEY_ENV: KEY})  # the environment's key
+    r = run_prompt(keyless, "hi", "3", env={API_KEY_ENV: KEY})  # the environment's key
     assert r.returncode == 0, r.stderr
     assert run_prompt(keyless).returncode == 2
     assert "positive integer" in run_prompt(keyless, "hi", "ten").stderr

@@ -1,4 +1,4 @@
-"""infra/host.py: TrainingHostArgs refuses a bad argument before any resource exists."""
+"""infra/training_host.py: TrainingHostArgs refuses a bad argument before any resource exists."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pulumi
 import pytest
 from infra_harness import EIP_ADDRESS
 
-from infra.host import TrainingHost, TrainingHostArgs, is_world
+from infra.training_host import TrainingHost, TrainingHostArgs, is_world
 
 
 def args(**overrides) -> TrainingHostArgs:

@@ -17,6 +17,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_tls as tls
 
+from facts import API_PORT
 from infra import cloud_init
 
 SSH_PORT = 22
@@ -40,7 +41,7 @@ class TrainingHostArgs:
     volume_size_gb: int = 100
     delete_volume_on_destroy: bool = False
     open_to_the_world: bool = False
-    api_port: int = 8080
+    api_port: int = API_PORT
     idle_stop_minutes: int = 60
     ssh_public_key: str | None = None  # None: generate an ed25519 key pair
     tags: Mapping[str, str] = field(default_factory=dict)
