@@ -73,8 +73,8 @@ describe("createTokenEstimator", () => {
   it("keeps the smallest ratio seen and ignores counts that say nothing", () => {
     const tokens = createTokenEstimator();
     tokens.learn("y".repeat(40), 10);
+    tokens.learn("y".repeat(30), 10); // 3: tighter, taken
     tokens.learn("y".repeat(60), 10); // 6: a looser ratio does not replace a tighter one
-    tokens.learn("y".repeat(30), 10); // 3
     for (const [prompt, n] of [["", 5], ["yy", 0], ["yy", -1], ["yy", NaN], ["yy", undefined]]) tokens.learn(prompt, n);
     assert.equal(tokens.bytesPerToken, 3);
   });

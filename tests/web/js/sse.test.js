@@ -31,7 +31,7 @@ const STREAM =
   "event: x\ndata: 1\ndata: 2\r\r" +
   "data\n\n" +
   "id: 7\nretry: 10\ndata:  two spaces\n\n" +
-  'data: {"token":{"id":0,"text":"","special":true},"generated_text":"ab","details":{"finish_reason":"eos_token","generated_tokens":3,"input_length":5}}\n\n';
+  'data: {"token":{"id":50256,"text":"<|endoftext|>","special":true},"generated_text":"ab","details":{"finish_reason":"eos_token","generated_tokens":3,"input_length":5}}\n\n';
 
 const EVENTS = [
   { event: "message", data: '{"token":{"id":1,"text":"a","special":false}}' },
@@ -41,7 +41,7 @@ const EVENTS = [
   { event: "message", data: " two spaces" },
   {
     event: "message",
-    data: '{"token":{"id":0,"text":"","special":true},"generated_text":"ab","details":{"finish_reason":"eos_token","generated_tokens":3,"input_length":5}}',
+    data: '{"token":{"id":50256,"text":"<|endoftext|>","special":true},"generated_text":"ab","details":{"finish_reason":"eos_token","generated_tokens":3,"input_length":5}}',
   },
 ];
 
@@ -150,5 +150,6 @@ describe("createAnswer", () => {
         err.message === "Request failed during generation: out of memory",
     );
     assert.equal(answer.text, "partial"); // what came before the error is kept
+    assert.throws(() => answer.take({ data: '{"error":"stopped"}' }), { name: "Error", message: "stopped", type: "" });
   });
 });
