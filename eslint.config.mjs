@@ -42,6 +42,7 @@ export default [
         ...globals.browser,
         tinycloud: "readonly", // the namespace the page's inline script declares (web/chat.html.j2)
         module: "readonly", // under Node only
+        require: "readonly", // under Node only: a module's own dependencies (the page passes them)
       },
     },
     rules: { ...js.configs.recommended.rules, ...strictness, ...textOnlyRules },

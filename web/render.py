@@ -34,7 +34,20 @@ SOURCE_DIR = Path(__file__).resolve().parent / "chat"
 STYLE = "chat.css"
 # The page's script, in the order it runs: each module hands its exports to the `tinycloud`
 # namespace the template declares (under Node, to module.exports); app.js, last, wires the page.
-SCRIPTS = ("sse.js", "api.js", "prompt.js", "settings.js", "transcript.js", "view.js", "app.js")
+SCRIPTS = (
+    "sse.js",
+    "api.js",
+    "tokens.js",
+    "prompt.js",
+    "settings.js",
+    "transcript.js",
+    "columns.js",
+    "comparison.js",
+    "tokenview.js",
+    "view.js",
+    "markdown.js",
+    "app.js",
+)
 # Text that would end the inline element early or switch the HTML parser into another state.
 _CLOSERS = {"script": re.compile(r"</script|<!--", re.I), "style": re.compile(r"</style", re.I)}
 

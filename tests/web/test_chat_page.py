@@ -259,6 +259,12 @@ def test_stop_aborts_the_stream_and_reenables_the_ui(server, open_chat):
     assert chat.wait_answer(2)["finish"] in FINISH_REASONS
 
 
+def accepts_top_n_tokens(base: str) -> bool:
+    """Whether the server takes TGI's ``top_n_tokens`` (the native server will, issue 15)."""
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 1, "top_n_tokens": 1}}
+    return httpx.post(f"{base}/generate", json=body, headers=_auth(), timeout=60).status_code == 200
+
+
 def test_settings_persist_and_reach_the_request(server, open_chat):
     chat = open_chat(server)
     chat.wait_online()
@@ -268,6 +274,7 @@ def test_settings_persist_and_reach_the_request(server, open_chat):
         top_p=0.8,
         top_k=7,
         repetition_penalty=1.3,
+        top_n_tokens=3,
         stop="END\n\\n",
         system="Be brief.",
     )
@@ -282,14 +289,21 @@ def test_settings_persist_and_reach_the_request(server, open_chat):
         "top_p": "0.8",
         "top_k": "7",
         "repetition_penalty": "1.3",
+        "top_n_tokens": "3",
         "stop": "END\n\\n",
         "system": "Be brief.",
     }
     chat.send("Hi")
     chat.wait_answer()
+    # The page asks for the alternatives the setting says; a server that refuses top_n_tokens
+    # (TGI's 422) is asked again without them.
+    assert chat.requests[0]["parameters"]["top_n_tokens"] == 3
     sent = chat.requests[-1]
+    topn = {"top_n_tokens": 3} if accepts_top_n_tokens(server) else {}
+    assert len(chat.requests) == (1 if topn else 2)
     assert sent["inputs"] == expected_prompt("Hi", system="Be brief.")
     assert sent["parameters"] == {
+        **topn,
         "max_new_tokens": 12,
         "repetition_penalty": 1.3,
         "do_sample": True,
@@ -331,19 +345,25 @@ def test_xss_in_a_loaded_conversation_and_a_message_stays_text(server, open_chat
 
 
 def test_xss_in_streamed_tokens_stays_text(server, open_chat):
-    """A hostile model's tokens: the real server's stream with each token's text swapped for
-    pieces of markup, split across events and with CRLF line ends, as the page receives it."""
+    """A hostile model's tokens: the real server's stream with each token's text (and the
+    alternatives it weighed, in TGI's top_tokens) swapped for pieces of markup, split across
+    events and with CRLF line ends, as the page receives it; shown as text, then as tokens."""
     pieces = "".join(XSS)
 
     def tamper(route):
-        body = route.fetch().text()
-        events = [json.loads(x) for x in re.findall(r"^data:(.*)$", body, re.M)]
-        assert events, body
+        response = route.fetch()
+        if response.status != 200:  # e.g. the 422 of a server without top_n_tokens: as it is
+            route.fulfill(response=response)
+            return
+        events = [json.loads(x) for x in re.findall(r"^data:(.*)$", response.text(), re.M)]
+        assert events
         chunks = [pieces[i : i + 5] for i in range(0, len(pieces), 5)]
         out = []
         for i, chunk in enumerate(chunks):
             ev = dict(events[min(i, len(events) - 1)], generated_text=None, details=None)
             ev["token"] = {**ev["token"], "text": chunk, "special": False}
+            alt = {"id": 1, "text": XSS[i % len(XSS)], "logprob": -1.5, "special": False}
+            ev["top_tokens"] = [{**ev["token"], "logprob": -0.5}, alt]
             out.append(ev)
         out[-1] = {**out[-1], "generated_text": pieces, "details": events[-1]["details"]}
         sse = "".join(f"data:{json.dumps(e)}\r\n\r\n" for e in out)
@@ -361,6 +381,14 @@ def test_xss_in_streamed_tokens_stays_text(server, open_chat):
     chat.send("Say something nasty.")
     answer = chat.wait_answer()
     assert answer["text"] == pieces
+    assert chat.page.evaluate(ELEMENTS) == before
+    chat.page.check("#show-tokens")  # the same answer as tokens, and the tip of one
+    assert chat.page.text_content("#log .assistant .bubble") == pieces
+    assert chat.page.locator("#log .assistant .tok").count() == -(-len(pieces) // 5)
+    chat.page.focus("#log .assistant .tok")
+    chat.wait("!document.getElementById('token-tip').hidden")
+    tip = chat.page.text_content("#token-tip")
+    assert "“" + pieces[:5] + "”" in tip and "“" + XSS[0] + "”" in tip
     assert chat.page.evaluate(ELEMENTS) == before
     chat.page.wait_for_timeout(100)
     assert chat.dialogs == []

@@ -68,10 +68,32 @@
     return m ? Number(m[1]) : 0;
   }
 
+  // The model's context as the same 422s state it ({maxTotal} and/or {maxInput}), or null: how a
+  // column learns the limits of a model that /info does not describe (a second served model).
+  function limitsIn(err) {
+    if (!(err instanceof ServerError) || err.status !== 422) return null;
+    const total = /`inputs` tokens \+ `max_new_tokens` must be <= (\d+)/.exec(err.message);
+    const input = /`inputs` must have less than (\d+) tokens/.exec(err.message);
+    if (!total && !input) return null;
+    return {
+      ...(total ? { maxTotal: Number(total[1]) } : {}),
+      ...(input ? { maxInput: Number(input[1]) } : {}),
+    };
+  }
+
+  // A 422 about `top_n_tokens`: {max} the server allows (TGI: "must be >= 0 and <= 5"; 0 when it
+  // takes none, "!= 0 is not allowed"), or null when the error is about something else.
+  function topTokensLimitIn(err) {
+    if (!(err instanceof ServerError) || err.status !== 422 || !/top_n_tokens/.test(err.message)) return null;
+    const m = /`top_n_tokens` must be >= 0 and <= (\d+)/.exec(err.message);
+    return { max: m ? Number(m[1]) : 0 };
+  }
+
   // One answer from /generate_stream, folded from its events: `take(event)` returns the text to
   // show now ("" for none; special tokens are counted, not shown) and throws a ServerError for
-  // an error event. The last event's generated_text and details end up in finalText and details.
-  function createAnswer() {
+  // an error event. The last event's generated_text and details end up in finalText and details;
+  // `onToken(data)` sees each event that carries a token (with its `top_tokens`, if any).
+  function createAnswer({ onToken } = {}) {
     const answer = {
       text: "",
       tokens: 0,
@@ -90,6 +112,7 @@
         if (data.token) {
           answer.tokens += 1;
           if (!data.token.special && data.token.text) shown = data.token.text;
+          if (onToken) onToken(data);
         }
         answer.text += shown;
         if (typeof data.generated_text === "string") answer.finalText = data.generated_text;
@@ -120,15 +143,26 @@
         if (!res.ok) throw await errorFrom(res);
         return res.json();
       },
+      // The served models as /v1/models lists them (OpenAI's {"data": [{"id"}, ...]}), or null
+      // where the server has no such route or answers something else.
+      async models() {
+        try {
+          const res = await fetch(base + "/v1/models", { headers: headers() });
+          return res.ok ? await res.json() : null;
+        } catch {
+          return null;
+        }
+      },
       // The prompt's length in the model's tokens, or null where the server cannot count
       // (TGI can; a server without /tokenize is asked once, then never again until reset).
-      async tokenize(text, signal) {
+      // `parameters` picks the model ({adapter_id}) where several are served.
+      async tokenize(text, signal, parameters) {
         if (!client.canTokenize) return null;
         try {
           const res = await fetch(base + "/tokenize", {
             method: "POST", signal,
             headers: headers({ "Content-Type": "application/json" }),
-            body: JSON.stringify({ inputs: text }),
+            body: JSON.stringify(parameters ? { inputs: text, parameters } : { inputs: text }),
           });
           if (res.ok) {
             const body = await res.json();
@@ -158,6 +192,8 @@
   exports.errorFrom = errorFrom;
   exports.describeError = describeError;
   exports.promptTokensIn = promptTokensIn;
+  exports.limitsIn = limitsIn;
+  exports.topTokensLimitIn = topTokensLimitIn;
   exports.createAnswer = createAnswer;
   exports.createClient = createClient;
 })(typeof tinycloud === "object" ? (tinycloud.api = {}) : module.exports);

@@ -5,15 +5,17 @@
 
   const DEFAULTS = Object.freeze({
     max_new_tokens: 200, temperature: 0.7, top_p: 0.95, top_k: 50, repetition_penalty: 1.1,
-    stop: "", system: "",
+    top_n_tokens: 5, stop: "", system: "",
   });
-  const NUMBER_SETTINGS = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"];
+  const NUMBER_SETTINGS = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "top_n_tokens"];
   const MAX_STOP_SEQUENCES = 4; // TGI's limit
   // Settings follow the person; a conversation belongs to the server it was held with (pages
   // opened from disk may all share one storage). A new layout gets a new version, and a stored
   // value the page cannot use is ignored, so an old or damaged entry never breaks the page.
   const SETTINGS_KEY = "tinycloud.chat.settings.v1";
-  const conversationKey = (base) => "tinycloud.chat.conversation.v1:" + base;
+  const conversationKey = (base) => "tinycloud.chat.conversation.v1:" + base; // before compare mode
+  const comparisonKey = (base) => "tinycloud.chat.comparison.v1:" + base; // columns.storedComparison
+  const VIEW_KEY = "tinycloud.chat.view.v1"; // the token view's toggles
 
   // JSON in Web Storage (`getStorage()` returns localStorage). Storage can be off, full, or
   // throw on mere access (a file page with site data blocked): then nothing is kept, and the
@@ -28,11 +30,13 @@
           return fallback;
         }
       },
+      // True when it was kept; false when storage is full or off.
       save(key, value) {
         try {
           getStorage().setItem(key, JSON.stringify(value));
+          return true;
         } catch {
-          /* storage full or off */
+          return false;
         }
       },
     };
@@ -86,13 +90,18 @@
   }
 
   // TGI's `parameters`: temperature 0 means greedy, top-p 1 and top-k 0 are left out (off).
-  function generationParameters(settings, maxNew, stops) {
+  // `topN`: the alternatives to ask for per token (0 or less: none, and the field is left out, so
+  // a server without `top_n_tokens` is not asked for it); `adapterId`: the served model to use
+  // where there are several (none: the server's own, /info's model).
+  function generationParameters(settings, maxNew, stops, { topN = 0, adapterId = null } = {}) {
     const p = {
       max_new_tokens: Math.trunc(maxNew),
       repetition_penalty: settings.repetition_penalty,
       stop: stops,
       details: true,
     };
+    if (topN >= 1) p.top_n_tokens = Math.trunc(topN);
+    if (adapterId) p.adapter_id = adapterId;
     if (settings.temperature > 0) {
       p.do_sample = true;
       p.temperature = settings.temperature;
@@ -109,6 +118,8 @@
   exports.MAX_STOP_SEQUENCES = MAX_STOP_SEQUENCES;
   exports.SETTINGS_KEY = SETTINGS_KEY;
   exports.conversationKey = conversationKey;
+  exports.comparisonKey = comparisonKey;
+  exports.VIEW_KEY = VIEW_KEY;
   exports.createStore = createStore;
   exports.restoreSettings = restoreSettings;
   exports.loadSettings = loadSettings;

@@ -1,6 +1,6 @@
 // Conversations as files: what Export JSON writes, and what Load JSON… (and the copy kept in the
 // browser's storage) takes back.
-(function (exports) {
+(function (exports, tokens) {
   "use strict";
 
   const LOAD_HELP = 'Expected a conversation ({"messages": [{"role": "user", "content": "…"}, …]}, ' +
@@ -16,6 +16,19 @@
     }
     if (typeof meta.finish_reason === "string") out.finish_reason = meta.finish_reason.slice(0, 40);
     return out;
+  }
+
+  // An answer's token records (tokens.js), the malformed ones left out; undefined for none.
+  function cleanTokens(list) {
+    if (!Array.isArray(list)) return undefined;
+    const kept = list.map(tokens.restoreToken).filter(Boolean);
+    return kept.length ? kept : undefined;
+  }
+
+  // One message as the page keeps it: role, content and, for an answer, its statistics and
+  // tokens when it has them.
+  function keptMessage(role, content, meta, tokenList) {
+    return { role, content, ...(meta ? { meta } : {}), ...(tokenList ? { tokens: tokenList } : {}) };
   }
 
   // Returns {messages, system} for a conversation or {prompt} for a single prompt; throws an
@@ -38,7 +51,8 @@
           throw new Error(`message ${i + 1} has role ${JSON.stringify(m.role)}; use "user", "assistant" or "system".`);
         }
         const meta = m.meta && typeof m.meta === "object" ? cleanMeta(m.meta) : undefined;
-        messages.push({ role: m.role, content: m.content, ...(meta ? { meta } : {}) });
+        const kept = m.role === "assistant" ? cleanTokens(m.tokens) : undefined;
+        messages.push(keptMessage(m.role, m.content, meta, kept));
       });
       return { messages, system };
     }
@@ -53,16 +67,20 @@
     throw new Error(LOAD_HELP);
   }
 
-  // A loaded file's text: a .txt (or text/plain) file is a prompt, anything else must be JSON.
-  function interpretFile(name, type, text) {
+  // A loaded file's text: {prompt} for a .txt (or text/plain) file, else {value}: its JSON.
+  function readFile(name, type, text) {
     if (/\.txt$/i.test(name) || type === "text/plain") return { prompt: text };
-    let value;
     try {
-      value = JSON.parse(text);
+      return { value: JSON.parse(text) };
     } catch (e) {
       throw new Error(`it is not valid JSON (${e.message}).`);
     }
-    return interpretLoaded(value);
+  }
+
+  // A loaded file as a conversation or a prompt (interpretLoaded's answer).
+  function interpretFile(name, type, text) {
+    const read = readFile(name, type, text);
+    return "prompt" in read ? read : interpretLoaded(read.value);
   }
 
   // The conversation kept in storage, or none when what is there is not one.
@@ -84,15 +102,20 @@
       model,
       prompt_format: { ...format, source },
       settings,
-      messages: messages.map((m) => ({ role: m.role, content: m.content, ...(m.meta ? { meta: m.meta } : {}) })),
+      messages: messages.map((m) => keptMessage(m.role, m.content, m.meta, m.tokens)),
     };
     return { doc, filename: `chat-${doc.exported_at.replace(/[:.]/g, "-")}.json` };
   }
 
   exports.LOAD_HELP = LOAD_HELP;
   exports.cleanMeta = cleanMeta;
+  exports.cleanTokens = cleanTokens;
+  exports.keptMessage = keptMessage;
   exports.interpretLoaded = interpretLoaded;
+  exports.readFile = readFile;
   exports.interpretFile = interpretFile;
   exports.restoreConversation = restoreConversation;
   exports.exportDocument = exportDocument;
-})(typeof tinycloud === "object" ? (tinycloud.transcript = {}) : module.exports);
+})(...(typeof tinycloud === "object"
+  ? [(tinycloud.transcript = {}), tinycloud.tokens]
+  : [module.exports, require("./tokens.js")]));

@@ -6,7 +6,7 @@ const assert = require("node:assert/strict");
 const http = require("node:http");
 const { describe, it, before, after } = require("node:test");
 
-const { ServerError, errorFrom, describeError, promptTokensIn, createAnswer, createClient } =
+const { ServerError, errorFrom, describeError, promptTokensIn, limitsIn, topTokensLimitIn, createAnswer, createClient } =
   require("../../../web/chat/api.js");
 const { readSSE } = require("../../../web/chat/sse.js");
 
@@ -79,6 +79,54 @@ describe("promptTokensIn", () => {
   });
 });
 
+describe("limitsIn", () => {
+  it("reads the model's context from the 422s that state it", () => {
+    const total = "`inputs` tokens + `max_new_tokens` must be <= 128. Given: 100 `inputs` tokens and 64 `max_new_tokens`";
+    assert.deepEqual(limitsIn(new ServerError(422, total, "validation")), { maxTotal: 128 });
+    assert.deepEqual(limitsIn(new ServerError(422, "`inputs` must have less than 127 tokens. Given: 300")), { maxInput: 127 });
+  });
+
+  it("is null for any other error", () => {
+    assert.equal(limitsIn(new ServerError(422, "`top_p` must be > 0.0 and < 1.0")), null);
+    assert.equal(limitsIn(new ServerError(500, "`inputs` must have less than 127 tokens. Given: 300")), null);
+    assert.equal(limitsIn(new TypeError("Failed to fetch")), null);
+  });
+});
+
+describe("topTokensLimitIn", () => {
+  it("reads how many alternatives a server takes from its 422, in TGI's words", () => {
+    assert.deepEqual(topTokensLimitIn(new ServerError(422, "`top_n_tokens` must be >= 0 and <= 3. Given: 5")), { max: 3 });
+    assert.deepEqual(topTokensLimitIn(new ServerError(422, "`top_n_tokens` != 0 is not allowed for this endpoint")), { max: 0 });
+  });
+
+  it("is null for an error about anything else", () => {
+    assert.equal(topTokensLimitIn(new ServerError(422, "`top_k` must be strictly positive")), null);
+    assert.equal(topTokensLimitIn(new ServerError(400, "`top_n_tokens` != 0 is not allowed")), null);
+  });
+});
+
+describe("createAnswer", () => {
+  it("hands each token event, with its top_tokens, to onToken; text and details as before", () => {
+    const seen = [];
+    const answer = createAnswer({ onToken: (data) => seen.push(data) });
+    const events = [
+      { token: { id: 5, text: " Hi", logprob: -0.2, special: false },
+        top_tokens: [{ id: 5, text: " Hi", logprob: -0.2, special: false }, { id: 6, text: " Yo", logprob: -2, special: false }] },
+      { token: { id: 0, text: "<|endoftext|>", logprob: -0.1, special: true }, generated_text: " Hi",
+        details: { finish_reason: "eos_token", generated_tokens: 2, seed: null, input_length: 3 } },
+    ];
+    const shown = events.map((e) => answer.take({ data: JSON.stringify(e) }));
+    assert.deepEqual(shown, [" Hi", ""]);
+    assert.equal(seen.length, 2);
+    assert.deepEqual(seen[0].top_tokens.map((t) => t.text), [" Hi", " Yo"]);
+    assert.equal(answer.tokens, 2);
+    assert.equal(answer.finalText, " Hi");
+    assert.equal(answer.details.finish_reason, "eos_token");
+    assert.equal(answer.take({ data: "keep-alive" }), "");
+    assert.equal(seen.length, 2); // an event without a token is not one
+  });
+});
+
 describe("createClient against a real server", () => {
   let server;
   let base;
@@ -138,6 +186,23 @@ describe("createClient against a real server", () => {
     assert.equal(await client.tokenize("hello"), 5);
     assert.deepEqual(JSON.parse(requests[0].body), { inputs: "hello" });
     assert.equal(client.canTokenize, true);
+  });
+
+  it("counts with the model a request names, where several are served", async () => {
+    routes["POST /tokenize"] = (body) => json(200, [...JSON.parse(body).inputs].map((c, id) => ({ id, text: c })));
+    requests.length = 0;
+    assert.equal(await createClient(base, "k").tokenize("hey", undefined, { adapter_id: "sft-run" }), 3);
+    assert.deepEqual(JSON.parse(requests[0].body), { inputs: "hey", parameters: { adapter_id: "sft-run" } });
+  });
+
+  it("reads the served models from /v1/models, or null without that route", async () => {
+    const listed = { object: "list", data: [{ id: "base-run", object: "model", created: 0, owned_by: "tinycloud" }] };
+    routes["GET /v1/models"] = () => json(200, listed);
+    requests.length = 0;
+    assert.deepEqual(await createClient(base, "k").models(), listed);
+    assert.equal(requests[0].auth, "Bearer k");
+    delete routes["GET /v1/models"];
+    assert.equal(await createClient(base, "k").models(), null);
   });
 
   it("stops asking a server without /tokenize, until told to try again", async () => {

@@ -24,7 +24,7 @@ const storeOf = (entries) => {
 };
 const TYPED = {
   max_new_tokens: "64", temperature: "0", top_p: "0.5", top_k: "", repetition_penalty: "abc",
-  stop: "###\\n\nEND", system: "Be brief. ☃",
+  top_n_tokens: "3", stop: "###\\n\nEND", system: "Be brief. ☃",
 };
 
 describe("settings in storage", () => {
@@ -61,6 +61,7 @@ describe("settings in storage", () => {
 
   it("keeps working when storage is off, full, or throws on access", () => {
     const off = createStore(() => { throw new Error("SecurityError: storage is disabled"); });
+    assert.equal(off.save("k", 1), false); // the caller can tell, and keep less
     saveSettings(off, TYPED);
     assert.deepEqual(loadSettings(off), { ...DEFAULTS });
     const full = new MemoryStorage();
@@ -85,7 +86,7 @@ describe("parseSettings", () => {
   it("reads numbers; an empty or bad number is the default; text stays as typed", () => {
     assert.deepEqual(parseSettings(TYPED), {
       max_new_tokens: 64, temperature: 0, top_p: 0.5, top_k: DEFAULTS.top_k,
-      repetition_penalty: DEFAULTS.repetition_penalty, stop: "###\\n\nEND", system: "Be brief. ☃",
+      repetition_penalty: DEFAULTS.repetition_penalty, top_n_tokens: 3, stop: "###\\n\nEND", system: "Be brief. ☃",
     });
     assert.deepEqual(parseSettings({}), { ...DEFAULTS });
     assert.equal(parseSettings({ max_new_tokens: " 12 " }).max_new_tokens, 12);
@@ -124,6 +125,17 @@ describe("generationParameters", () => {
     assert.equal("top_p" in p, false);
     assert.equal("top_k" in p, false);
     assert.equal(p.do_sample, true);
+  });
+
+  it("asks for alternatives per token and a served model only when told to", () => {
+    const plain = generationParameters(values({}), 5, []);
+    assert.equal("top_n_tokens" in plain, false);
+    assert.equal("adapter_id" in plain, false);
+    const p = generationParameters(values({}), 5, [], { topN: 5, adapterId: "sft-run" });
+    assert.equal(p.top_n_tokens, 5);
+    assert.equal(p.adapter_id, "sft-run");
+    assert.equal("top_n_tokens" in generationParameters(values({}), 5, [], { topN: 0 }), false);
+    assert.equal(generationParameters(values({}), 5, [], { topN: 2.9 }).top_n_tokens, 2);
   });
 
   it("answers greedily at temperature 0, sending no sampling settings", () => {
