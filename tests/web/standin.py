@@ -24,6 +24,7 @@ routes between them and adds, in TGI 3.3's shapes, what they do not have yet:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -137,11 +138,24 @@ class StandIn:
         if isinstance(content, bytes):
             await send({"type": "http.response.body", "body": content})
             return
+        # A client that goes (the page's Stop) ends the stream here, and so the real server's.
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
         try:
             async for chunk in content:
+                if gone.is_set():
+                    break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            else:
+                await send({"type": "http.response.body", "body": b""})
         finally:
+            watcher.cancel()
             await content.aclose()
 
     async def handle(self, method: str, path: str, headers: dict[str, str], body: bytes):
@@ -222,8 +236,10 @@ class StandIn:
                 event = json.loads(line[5:])
                 if "token" in event:
                     token = event["token"]
-                    try:
-                        event["top_tokens"] = replay.top_tokens(token["id"], token["logprob"])
+                    try:  # off the event loop: the other runs' requests go on meanwhile
+                        event["top_tokens"] = await asyncio.to_thread(
+                            replay.top_tokens, token["id"], token["logprob"]
+                        )
                     except ValueError as e:
                         event = {"error": str(e), "error_type": "generation"}
                 yield f"data:{json.dumps(event)}\n\n".encode()

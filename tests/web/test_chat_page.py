@@ -22,6 +22,7 @@ from web_harness import (  # noqa: F401 (pytest fixtures)
     SAMPLING,
     XSS,
     browser_fixture,
+    bucket,
     expected_prompt,
     open_chat_fixture,
     running_server,
@@ -55,6 +56,42 @@ def test_page_shows_server_model_and_format(server, open_chat):
     assert page.text_content("#about-format") == "from the server (/info)"
     assert str(info["max_total_tokens"]) in page.text_content("#about-context")
     assert page.evaluate("document.activeElement.id") == "input"
+
+
+def test_one_model_is_the_plain_page_and_its_tokens_can_be_inspected(server, open_chat):
+    """With one model served there are no compare controls and no adapter_id is sent. The
+    token view shows the real server's tokens with their own probabilities, and the alternatives
+    once the server answers top_n_tokens (issue 15); until then the page asks, gets TGI's 422,
+    says so under Settings, and asks again without."""
+    chat = open_chat(server)
+    chat.wait_online()
+    assert chat.page.is_hidden("#models")
+    assert chat.page.locator("#columns .column").count() == 1
+    assert chat.page.is_hidden("#columns .column-head")
+    chat.page.check("#colour-tokens")
+    chat.set(max_new_tokens=10, **SAMPLING)
+    chat.send("Hi")
+    answer = chat.wait_answer()
+    assert all("adapter_id" not in r["parameters"] for r in chat.requests)
+    generated = int(re.match(r"(\d+) tokens", answer["stats"]).group(1))
+    records = chat.page.evaluate("window.tinycloudChat.state.columns[0].messages[1].tokens")
+    shown = chat.page.eval_on_selector_all("#log .tok", "ts => ts.map(t => t.dataset.p)")
+    assert len(records) == len(shown) == generated  # EOS included, as a special token
+    assert shown == [bucket(t["logprob"]) for t in records]
+    assert all(t["logprob"] is not None and t["logprob"] <= 0 for t in records)
+    chat.page.focus("#log .tok")
+    chat.wait("!document.getElementById('token-tip').hidden")
+    if accepts_top_n_tokens(server):
+        assert chat.page.locator("#token-tip .tip-alts li").count() == 5
+        assert chat.page.text_content("#about-tokens").startswith("up to 5 per token")
+    else:
+        assert "the server sent none" in chat.page.text_content("#token-tip")
+        assert (
+            chat.page.text_content("#about-tokens")
+            == "not sent by this server (top_n_tokens refused)"
+        )
+        assert [r["parameters"].get("top_n_tokens") for r in chat.requests] == [5, None]
+    chat.page.screenshot(path=str(ARTIFACTS / "token-view-one-model.png"))
 
 
 def test_message_streams_token_by_token(server, open_chat, tmp_path):

@@ -50,6 +50,16 @@ def running_server(model_dir: Path, *extra: str):
         stop_subprocess_server(proc)
 
 
+def bucket(logprob: float | None) -> str:
+    """The probability bucket the page colours a token by (web/chat/tokens.js BUCKETS)."""
+    import math
+
+    if logprob is None:
+        return "none"
+    p = math.exp(logprob)
+    return str(next(i for i, floor in enumerate((0.9, 0.6, 0.3, 0.1, 0.0)) if p >= floor))
+
+
 def auth(key: str = API_KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

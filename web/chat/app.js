@@ -687,7 +687,9 @@
     render();
     setTokenView(viewPrefs && viewPrefs.tokens === true, viewPrefs && viewPrefs.colour === true);
     showAbout();
-    if (window.matchMedia("(max-width: 860px)").matches) $("settings-box").open = false;
+    // Settings start folded (the markup's default) on a phone-sized screen, where the
+    // conversation needs the room; open beside it on a wider one.
+    if (!window.matchMedia("(max-width: 860px)").matches) $("settings-box").open = true;
 
     $("settings").addEventListener("input", saveSettings);
     $("settings").addEventListener("change", saveSettings);

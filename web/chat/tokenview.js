@@ -19,7 +19,10 @@
     node.setAttribute("aria-label", tokens.tokenLabel(tok));
     const bucket = tokens.bucketOf(tokens.probability(tok.logprob));
     node.dataset.p = bucket < 0 ? "none" : String(bucket);
-    if (tok.text !== "" && tok.text.trim() === "") node.dataset.ws = tok.text.includes("\n") ? "newline" : "space";
+    // Whitespace and empty tokens get a visible mark (by style, not text) so they can be pointed
+    // at: an empty one is part of a character split across tokens, its text in the next.
+    if (tok.text === "") node.dataset.ws = "empty";
+    else if (tok.text.trim() === "") node.dataset.ws = tok.text.includes("\n") ? "newline" : "space";
     records.set(node, tok);
     return node;
   }
