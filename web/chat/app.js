@@ -249,6 +249,9 @@
     state.selected = next;
     save();
     render();
+    // The boxes were drawn anew: keep the keyboard where it was.
+    const box = [...$("model-boxes").querySelectorAll("input")].find((i) => i.value === key);
+    if (box) box.focus();
   }
 
   // ---- sending and streaming --------------------------------------------------------------

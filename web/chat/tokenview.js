@@ -162,11 +162,8 @@
     return { show, hide };
   }
 
-  exports.tokenNode = tokenNode;
   exports.appendToken = appendToken;
   exports.fillTokens = fillTokens;
-  exports.recordOf = recordOf;
-  exports.fillTip = fillTip;
   exports.install = install;
 })(...(typeof tinycloud === "object"
   ? [(tinycloud.tokenview = {}), tinycloud.tokens]
