@@ -449,8 +449,11 @@ def test_export_load_and_markdown_of_a_comparison(compare_server, open_chat, tmp
 
 
 def test_compare_at_phone_width_swipes_between_columns(compare_server, open_chat):
-    chat = open_chat(compare_server, viewport={"width": 390, "height": 844}, name="phone.html")
+    chat = open_chat(
+        compare_server, viewport={"width": 390, "height": 844}, name="phone.html", has_touch=True
+    )
     compare(chat, SHARP)
+    assert chat.page.evaluate("document.activeElement.value") == SHARP  # focus kept on its box
     assert chat.page.evaluate("document.getElementById('settings-box').open") is False
     chat.page.click("#settings-title")
     chat.set(max_new_tokens=16, **SAMPLING)
@@ -473,7 +476,13 @@ def test_compare_at_phone_width_swipes_between_columns(compare_server, open_chat
     height = page.evaluate("document.getElementById('scroller').getBoundingClientRect().height")
     assert height >= 0.55 * 844, height
     page.screenshot(path=str(ARTIFACTS / "compare-phone.png"))
+    # Swipe to the second column, and tap a token there to see what the model weighed.
     page.locator(f"{column(1)} .column-head").scroll_into_view_if_needed()
+    page.check("#show-tokens")
+    page.locator(f"{column(1)} .assistant .tok").nth(2).tap()
+    chat.wait("!document.getElementById('token-tip').hidden")
+    tip = page.locator("#token-tip").bounding_box()
+    assert tip and tip["x"] >= 0 and tip["x"] + tip["width"] <= 390
     page.screenshot(path=str(ARTIFACTS / "compare-phone-second-column.png"))
 
 

@@ -79,8 +79,9 @@ def browser_fixture():
 class Chat:
     """A page opened from disk, with everything a test needs to watch it."""
 
-    def __init__(self, browser, path: Path, viewport=None):
-        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
+    def __init__(self, browser, path: Path, viewport=None, **options):
+        viewport = viewport or {"width": 1280, "height": 800}
+        self.context = browser.new_context(viewport=viewport, **options)
         self.page = self.context.new_page()
         self.dialogs: list[str] = []
         self.errors: list[str] = []
@@ -142,11 +143,13 @@ class Chat:
 def open_chat_fixture(browser, tmp_path):
     opened: list[Chat] = []
 
-    def _open(url: str, api_key: str | None = API_KEY, viewport=None, name="chat.html") -> Chat:
+    def _open(
+        url: str, api_key: str | None = API_KEY, viewport=None, name="chat.html", **options
+    ) -> Chat:
         fmt = {**PROMPT_FORMAT, "eos": "<|endoftext|>"}
         path = tmp_path / name
         path.write_text(render_chat_page(url, api_key, fmt), encoding="utf-8")
-        chat = Chat(browser, path, viewport)
+        chat = Chat(browser, path, viewport, **options)
         opened.append(chat)
         return chat
 
