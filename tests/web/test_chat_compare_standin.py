@@ -298,7 +298,7 @@ def test_token_view_shows_what_the_model_weighed_while_streaming(compare_server,
             top = [t["logprob"] for t in tok["top"]]
             assert len(top) == 5 and top == sorted(top, reverse=True)
             mine = [t for t in tok["top"] if t["id"] == tok["id"]]
-            assert not mine or abs(mine[0]["logprob"] - tok["logprob"]) < 1e-6
+            assert not mine or abs(mine[0]["logprob"] - tok["logprob"]) < 1e-4
     assert len(buckets) >= 2, buckets  # sharp-run's tokens spread over the buckets
 
     # Hover with the real mouse, then the keyboard: arrows move, Esc hides the tip.
