@@ -1,21 +1,16 @@
-"""DPO (remote/jobs/dpo.py): the pair data in our format, and training that really prefers chosen.
-
-``train_dpo`` is called directly with the Namespace finetune would build, so these tests do not
-depend on finetune's CLI.
-"""
+"""DPO (remote/jobs/dpo.py): the pair data in our format, training that really prefers chosen,
+and the flags DPO refuses. Runs go through ``finetune.main``, as a user's do."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from facts import RunState
+from facts import RunKey, RunState
 from remote.jobs import dpo, finetune
 from remote.jobs.dataset import DatasetError
-from remote.jobs.dist import Dist
 from remote.jobs.prompts import format_prompt
 from remote.jobs.rundir import RunDir
 
@@ -29,14 +24,11 @@ HH_REJECTED = (
 )
 
 
-def namespace(model: Path, runs: Path, data: Path, *extra: str) -> argparse.Namespace:
-    """The Namespace ``finetune --method dpo`` hands to ``train_dpo``."""
-    return finetune.parse_args(
-        ["--method", "dpo", "--model", str(model), "--dataset", str(data), "--max-steps", "8",
-         "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "1", "--seed", "0",
-         "--max-length", "128", "--device", "cpu", "--name", "dpo-test", "--runs-dir", str(runs),
-         "--logging-steps", "1", "--save-steps", "1000", *extra]
-    )  # fmt: skip
+def dpo_argv(model: Path, runs: Path, data: Path, *extra: str) -> list[str]:
+    return ["--method", "dpo", "--model", str(model), "--dataset", str(data), "--max-steps", "8",
+            "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "1", "--seed", "0",
+            "--max-length", "128", "--device", "cpu", "--name", "dpo-test", "--runs-dir",
+            str(runs), "--logging-steps", "1", "--save-steps", "1000", *extra]  # fmt: skip
 
 
 def test_hh_dialogues_become_shared_prompt_and_final_turns():
@@ -106,17 +98,16 @@ def test_dpo_raises_chosen_over_rejected_margin(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in dpo.SHIPPED_PAIRS.read_text().splitlines()][:8]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = namespace(tiny_model_dir, tmp_path / "runs", data)
-    run = RunDir.create(args.runs_dir, args.name, job="finetune", args=vars(args))
-
     before = mean_margin(tiny_model_dir, rows)
-    dpo.train_dpo(args, run, Dist())
+    assert finetune.main(dpo_argv(tiny_model_dir, tmp_path / "runs", data)) == 0
+    run = RunDir(tmp_path / "runs" / "dpo-test")
     after = mean_margin(run.model_dir, rows)
 
     print(f"margin before {before:.2f}, after {after:.2f}")
     assert after > before + 1.0, (before, after)
     meta = run.read_meta()
     assert meta["status"] == RunState.COMPLETED and meta["step"] == 8
+    assert meta[RunKey.TRAIN_EXAMPLES] == 8 and meta[RunKey.KEPT_STEP] == 8
     metrics = run.metrics()
     assert all("loss" in r and "reward_margin" in r for r in metrics if "loss" in r)
     assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"]

@@ -15,7 +15,6 @@ from transformers import AutoTokenizer
 
 from facts import RunState
 from remote.jobs import finetune, rundir
-from remote.jobs.dist import Dist
 from remote.jobs.models import add_lora, save_model
 from remote.jobs.prompts import PROMPT_FORMAT_FILE, format_prompt
 from remote.jobs.trainer_callbacks import last_complete_checkpoint
@@ -250,7 +249,9 @@ def test_optimizer_flag_builds_that_optimizer_with_the_lr(tiny_model_dir, tmp_pa
     sft = finetune.make_trainer(finetune.load_model(args, tok), tok, [], [], targs,
                                 optimizer=name)  # fmt: skip
     args.method, args.dataset = "dpo", str(dpo.SHIPPED_PAIRS)
-    trainer, _, _ = dpo.build_trainer(args, None, Dist(), [])
+    train, held = dpo.build_pairs(args.dataset, None, tok.eos_token, args.seed)
+    sched = finetune.schedule(args, len(train), 1)
+    trainer = dpo.build_trainer(args, tok, train, held, tmp_path / "dpo", sched, [])
     for opt in (sft.create_optimizer(), trainer.create_optimizer()):
         assert type(opt).__name__ == ("AdamW" if name == "adamw" else "SGD")
         assert opt.defaults.get("fused") is (True if name == "adamw" else None)
