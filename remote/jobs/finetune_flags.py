@@ -39,11 +39,13 @@ class Config:
     method: str = opt("sft", "sft, or dpo: chosen/rejected pairs from an SFT run", choices=METHODS)
     recipe: str | None = opt(None, "set a whole recipe's values (below)", choices=("course",))
     # data
-    dataset: str | None = opt(None, f"preset, local file or hub id ({DATASET}; dpo: shipped pairs)")
-    columns: str | None = opt(None, "map columns to fields: instruction=COL,input=COL,output=COL")
-    text_column: str | None = opt(
-        None, "train on the plain text in this column (loss on all of it)"
+    dataset: str | None = opt(
+        None, f"preset, local file or hub id ({DATASET}; dpo: shipped pairs)", metavar="DATA"
     )
+    columns: str | None = opt(
+        None, "map columns to fields: instruction=COL,input=COL,output=COL", metavar="MAP"
+    )
+    text_column: str | None = opt(None, "train on this column's plain text", metavar="COL")
     limit: int | None = opt(None, "use only the first N rows (the course's Task 2)")
     val_size: int | None = opt(None, f"rows held out if no split (5%, at most {DEFAULT_VAL_SIZE})")
     val_fraction: float | None = opt(None, "...or this share of the rows, 0-1 (the course: 0.1)")
@@ -86,13 +88,17 @@ class Config:
     keep: str = opt(
         "last", "model/ gets the last step's weights or the best val loss's", choices=KEEPS
     )
-    report_to: str = opt("none", "Trainer trackers: none, tensorboard, mlflow, wandb, all")
+    report_to: str = opt(
+        "none", "Trainer trackers: none, tensorboard, mlflow, wandb, all", metavar="LIST"
+    )
     # memory (memory.py)
     memory_limit_gb: float | None = opt(None, "plan for a machine with this much memory, GiB")
     no_memory_check: bool = opt(False, "train even when the estimate says it will not fit")
     # common job flags
     name: str | None = opt(None, "run name (default finetune-YYYYmmdd-HHMMSS)")
-    runs_dir: str | None = opt(None, "runs root (default $TINYCLOUD_RUNS, else ./runs)")
+    runs_dir: str | None = opt(
+        None, "runs root (default $TINYCLOUD_RUNS, else ./runs)", metavar="DIR"
+    )
     resume: bool = opt(False, "continue the run --name from its last checkpoint")
     overwrite: bool = opt(False, "start the run --name again from scratch")
     seed: int = opt(1337, "data order, validation hold-out, LoRA init")

@@ -48,7 +48,8 @@ def _add(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> No
     meta = f.metadata
     unset = f.default is None or f.default is False or f.default == ()
     shown = "" if unset else f" (default: {f.default})"
-    kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "") + shown}
+    text = (meta.get("help", "") + shown).replace("%", "%%")  # argparse formats help with %
+    kwargs: dict[str, Any] = {"dest": f.name, "help": text}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
         kwargs["action"] = "store_true"
@@ -72,8 +73,14 @@ def describe_recipes(recipes: Recipes) -> str:
     """One paragraph per recipe: the flags it sets, as they would be typed."""
     lines = []
     for name, values in recipes.items():
-        shown = " ".join(_typed(k, v) for k, v in values.items())
-        lines.append(f"--recipe {name} sets (flags given with it still win):\n  {shown}")
+        lines.append(f"--recipe {name} sets (flags given with it still win):")
+        line = " "
+        for flag in (_typed(k, v) for k, v in values.items()):  # a flag and its value together
+            if len(line) + len(flag) > 78:
+                lines.append(line)
+                line = " "
+            line += " " + flag
+        lines.append(line)
     return "\n".join(lines)
 
 

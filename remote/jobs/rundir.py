@@ -265,16 +265,16 @@ class RunDir:
         if self._clock is not None:
             self._clock.started = min(started, self._clock.started)
 
-    def write_meta(self, meta: dict[str, Any]) -> None:
+    def write_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write run.json as ``meta`` plus this session's time and cost; returns what it wrote."""
         clock = self._clock.fields() if self._clock is not None else {}
         meta = {**meta, **clock, RunKey.UPDATED_AT: _now()}
         atomic_write_bytes(self.path / RUN_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+        return meta
 
     def update(self, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into run.json (progress, best val loss, status...)."""
-        meta = {**self.read_meta(), **fields}
-        self.write_meta(meta)
-        return meta
+        return self.write_meta({**self.read_meta(), **fields})
 
     def finish(self, status: str = RunState.COMPLETED, **fields: Any) -> None:
         self.update(**{RunKey.STATUS: status, RunKey.FINISHED_AT: _now()}, **fields)
