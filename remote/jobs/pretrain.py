@@ -99,7 +99,8 @@ class Config:
 
 # The handout's Part 1, exactly (docs/pretrain.md sets it beside the defaults above and says
 # why those differ). The shape and the tokenizer are the defaults already; written here too so
-# the recipe stays the course's if a default moves.
+# the recipe stays the course's if a default moves. What the handout does not set (warm-up,
+# AdamW's betas and decay, clipping) stays as above.
 RECIPES = {
     "course": {
         "init": "scratch",
@@ -108,7 +109,6 @@ RECIPES = {
         "n_head": 4,
         "n_embd": 128,
         "block_size": 64,
-        "dropout": 0.0,
         "batch_size": 12,
         "grad_accum": 1,
         "lr": 6e-5,
