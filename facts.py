@@ -91,7 +91,7 @@ class RunKey(StrEnum):
     MAX_STEPS = "max_steps"
     LOSS = "loss"  # the last logged training loss
     VAL_LOSS = "val_loss"  # the last validation loss
-    TOKENS_PER_S = "tokens_per_s"  # training tokens a second over the last log window
+    TOKENS_PER_S = "tokens_per_s"  # training tokens a second, last log window (DPO: null)
     ETA_S = "eta_s"
     # time and money: wall time actually spent running, summed over every resume
     ELAPSED_S = "elapsed_s"

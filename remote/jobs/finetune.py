@@ -35,6 +35,7 @@ from facts import RunKey, RunState
 from remote.jobs import dist as distlib
 from remote.jobs import memory, rundir
 from remote.jobs.dataset import Rows, load_splits
+from remote.jobs.dpo import train_dpo
 from remote.jobs.errors import Interrupted, JobError
 from remote.jobs.finetune_flags import Config, parse
 from remote.jobs.guard import Guard
@@ -89,8 +90,6 @@ def train(c: Config, guard: Guard) -> int:
     data or the model loads stops the job as soon as it can, as interrupted, not killed."""
     with StopSignal() as stop:
         if c.method == "dpo":
-            from remote.jobs.dpo import train_dpo
-
             return train_dpo(c, guard, stop)
         return train_sft(c, guard, stop)
 
