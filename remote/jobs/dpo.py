@@ -226,9 +226,8 @@ def train_dpo(c: Config, guard: Guard, stop: StopSignal) -> int:
     precision(c, device)  # a precision this machine lacks fails now
     tok = load_dpo_tokenizer(c)
     train, held_out = split_pairs(rows, tok.eos_token, c.seed)
-    need_validation_for_keep_best(
-        c, len(held_out or []), f"DPO holds out pairs from {EVAL_MIN_PAIRS} on and has {len(train)}"
-    )
+    why = f"DPO holds out pairs only from {EVAL_MIN_PAIRS} on, and this data has {len(rows)}"
+    need_validation_for_keep_best(c, len(held_out or []), why, "Give more pairs")
     sched = schedule(c, len(train), d.world_size)
     run = open_run(c, guard)
     if run is not None:

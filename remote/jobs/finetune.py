@@ -286,7 +286,9 @@ def train_sft(c: Config, guard: Guard, stop: StopSignal) -> int:
     config = load_config(c.model)
     context = memory.shape_of(config).n_positions or c.max_length
     data = prepare_data(c, rows, tok, context)
-    need_validation_for_keep_best(c, len(data.val), f"{c.dataset!r} left no validation rows")
+    need_validation_for_keep_best(
+        c, len(data.val), f"{c.dataset!r} left no validation rows", "Give more rows or --val-size N"
+    )
     sched = schedule(c, len(data.train), d.world_size)
     est, budget = plan_memory(c, config, data, device)
     run = open_run(c, guard)

@@ -113,12 +113,11 @@ def common_arguments(c: Config, out: Path, sched: dict, device: str) -> dict:
     }
 
 
-def need_validation_for_keep_best(c: Config, n_val: int, what: str) -> None:
+def need_validation_for_keep_best(c: Config, n_val: int, why: str, fix: str) -> None:
     """--keep best with nothing to validate on cannot choose; say so before the run starts."""
     if c.keep == "best" and not n_val:
         raise JobError(
-            f"--keep best picks the model by validation loss, but {what}. "
-            "Give more data (or --val-size N), or drop --keep best"
+            f"--keep best picks the model by validation loss, but {why}. {fix}, or drop --keep best"
         )
 
 
