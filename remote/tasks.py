@@ -25,10 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from invoke import Collection, Exit, task
+from invoke import Collection, Exit
 
 from facts import API_PORT, RUNS_DIR_NAME, Output
 from remote import paths
+from remote.cli import task
 from remote.runner import Runner, connect
 from remote.target import Target, resolve
 
@@ -70,7 +71,6 @@ def _aws(fn: Any, *args: Any) -> Any:
 
 
 @task(
-    auto_shortflags=False,
     help=_help(
         python="use this interpreter on the host and build no environment",
         torch_backend="uv --torch-backend: auto (CUDA where uv finds a driver), cpu, cu126...",
@@ -124,7 +124,6 @@ def _listing(paths: list[str], most: int = 10) -> str:
 
 
 @task(
-    auto_shortflags=False,
     positional=["job"],
     help=_help(
         job="pretrain, finetune or evaluate",
@@ -184,7 +183,7 @@ def _pop_flag(args: list[str], flag: str) -> str:
     return ""
 
 
-@task(auto_shortflags=False, help=_help())
+@task(help=_help())
 def runs(c, target="", stack="", host="", user="", key=""):
     """List the runs on the host with their state."""
     from remote.launch import probe
@@ -195,7 +194,6 @@ def runs(c, target="", stack="", host="", user="", key=""):
 
 
 @task(
-    auto_shortflags=False,
     help=_help(
         run="the run (default: the latest)",
         follow="keep printing until the job ends",
@@ -224,7 +222,7 @@ def logs(
         print(r.stdout, end="")
 
 
-@task(auto_shortflags=False, help=_help())
+@task(help=_help())
 def status(c, target="", stack="", host="", user="", key=""):
     """Each run's state, step, loss, tokens/s and ETA; the host's CPU, memory and disk."""
     from remote.launch import probe
@@ -237,7 +235,6 @@ def status(c, target="", stack="", host="", user="", key=""):
 
 
 @task(
-    auto_shortflags=False,
     positional=["run"],
     help=_help(run="the run to stop", grace="seconds to let it save a checkpoint before SIGKILL"),
 )
@@ -251,7 +248,6 @@ def cancel(c, run, grace=30, target="", stack="", host="", user="", key=""):
 
 
 @task(
-    auto_shortflags=False,
     positional=["run"],
     help=_help(run="the run to download", dest="where to put it (default: runs/<run>)"),
 )
@@ -283,7 +279,6 @@ def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
 
 
 @task(
-    auto_shortflags=False,
     help=_help(
         run="the run whose model/ to serve (default: the latest with a model)",
         engine="native (python -m serving.server) or tgi (Docker, launch_gpt2.sh)",
@@ -400,7 +395,6 @@ def _render_clients(where: Target, url: str, api_key: str, fmt: dict | None) -> 
 
 
 @task(
-    auto_shortflags=False,
     positional=["text"],
     help=_help(
         text="what to ask",
@@ -430,7 +424,6 @@ def prompt(
 
 
 @task(
-    auto_shortflags=False,
     help=_help(
         open="open the page in the default browser (--no-open: print its path)",
         url="API base URL to bind the page to (default: what `fab serve` served)",
@@ -451,7 +444,7 @@ def chat(c, open=True, url="", target="", stack="", host="", user="", key=""):
             print("no browser found here; open the file above by hand")
 
 
-@task(auto_shortflags=False, help=_help(local_port="port on this machine (default: the API port)"))
+@task(help=_help(local_port="port on this machine (default: the API port)"))
 def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
     """Forward the API port over SSH, for when it is closed to the internet. Ctrl-C ends it."""
     where = resolve(target, stack, host, user, key)
@@ -484,7 +477,6 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
 
 
 @task(
-    auto_shortflags=False,
     help=_help(open="open an interactive shell instead of printing the command"),
 )
 def ssh(c, open=False, target="", stack="", host="", user="", key=""):
@@ -505,7 +497,7 @@ def ssh(c, open=False, target="", stack="", host="", user="", key=""):
 # --- instance lifecycle ------------------------------------------------------------------------
 
 
-@task(auto_shortflags=False, help={"stack": HOST_HELP["stack"]})
+@task(help={"stack": HOST_HELP["stack"]})
 def start(c, stack=""):
     """Start the stopped instance and wait for it (running, status checks ok)."""
     from remote.lifecycle import start as start_instance
@@ -515,7 +507,7 @@ def start(c, stack=""):
     print(f"{where.instance_id} is running at {dns or where.host} (same address: Elastic IP)")
 
 
-@task(auto_shortflags=False, help={"stack": HOST_HELP["stack"]})
+@task(help={"stack": HOST_HELP["stack"]})
 def stop(c, stack=""):
     """Stop the instance: compute billing stops, the disk and its runs stay."""
     from remote.lifecycle import stop as stop_instance
@@ -538,7 +530,6 @@ def _aws_target(stack: str) -> Target:
 
 
 @task(
-    auto_shortflags=False,
     help={
         "fresh": "forget the demo's earlier runs and start again",
         "scale": "multiply every step count by this (0.05: a one-minute smoke run)",
