@@ -387,9 +387,13 @@ def _api_url(where: Target, port: int) -> str:
 def _render_clients(where: Target, url: str, api_key: str, fmt: dict | None) -> Path:
     from remote.render import render_chat_page, render_prompt_script
 
-    script = render_prompt_script(where, url, api_key)
+    script = render_prompt_script(where, url, api_key, fmt)
     page = render_chat_page(where, url, api_key, fmt)
-    print(f'prompt script: {script}   (./{script.name} "Name three colors." 50)')
+    if fmt:
+        how = f'./{script.name} "Name three colors." 50; --raw skips the prompt format'
+    else:
+        how = f'./{script.name} "The quick brown fox" 20; no prompt format: sent as typed'
+    print(f"prompt script: {script}   ({how})")
     print(f"chat page:     {page}   (fab chat opens it)")
     return page
 
