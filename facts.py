@@ -27,11 +27,15 @@ VM_WORK_DIR = f"{VM_HOME}/{REMOTE_DIR_NAME}"  # code and venv land here (`fab se
 VM_RUNS_DIR = f"{VM_WORK_DIR}/{RUNS_DIR_NAME}"  # exported as TINYCLOUD_RUNS in /etc/environment
 VM_STATE_DIR = "/var/lib/tinycloud"
 VM_READY_MARKER = f"{VM_STATE_DIR}/ready"  # the bootstrap's last act: the VM is set up
+VM_SETTINGS = "/etc/tinycloud/idle.env"  # the stack's settings for the VM's own scripts (shell)
+VM_BOOT_LOG = f"{VM_STATE_DIR}/boots.log"  # one line per boot: boot id, start, last seen (epoch s)
+MAX_RUN_HOURS_ENV = "TINYCLOUD_MAX_RUN_HOURS"  # in VM_SETTINGS: the hard cap (0 = none)
 
 # --- environment variables -----------------------------------------------------------------------
 ENV_PREFIX = "TINYCLOUD_"  # every variable tinycloud reads starts so (see remote/paths.py)
 RUNS_ENV = "TINYCLOUD_RUNS"  # the runs root a job writes under; `fab` and cloud-init set it
 API_KEY_ENV = "TINYCLOUD_API_KEY"  # the native server's API key, from a 0600 env file
+COST_PER_HOUR_ENV = "TINYCLOUD_COST_PER_HOUR"  # USD/hour of the machine a job runs on (local: 0)
 
 
 # --- contract 1: the stack outputs `pulumi up` exports and `fab` reads ---------------------------
@@ -71,6 +75,21 @@ class RunState(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+
+
+class RunField(StrEnum):
+    """Keys of run.json that the control side reads (`fab status`, `fab runs --compare`)."""
+
+    STEP = "step"
+    MAX_STEPS = "max_steps"
+    TOKENS_PER_S = "tokens_per_s"
+    ELAPSED_S = "elapsed_s"  # wall time the job has run, over every resume; not the gaps
+    COST_PER_HOUR_USD = "cost_per_hour_usd"  # from COST_PER_HOUR_ENV when the job started
+    COST_USD = "cost_usd"  # elapsed_s x cost_per_hour_usd
+    TRAIN_EXAMPLES = "train_examples"  # fine-tunes: examples trained on
+    TRAIN_TOKENS = "train_tokens"  # pretraining: tokens in the training split
+    BEST_VAL_LOSS = "best_val_loss"
+    FINAL_VAL_LOSS = "final_val_loss"
 
 
 RUN_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"

@@ -154,6 +154,7 @@ def train(
     fab train finetune --name ft --args "--model runs/pre/model --dataset alpaca-1k"
     A dropped connection never stops it; a second job on the same run is refused.
     """
+    from remote.costs import job_rate
     from remote.launch import follow as follow_log
     from remote.launch import start_job
 
@@ -162,8 +163,11 @@ def train(
     except ValueError as err:
         raise Exit(f"--args {args!r}: {err}. Quote it as one shell word.") from None
     name = name or _pop_flag(job_flags, "--name") or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with _session(target, stack, host, user, key) as (_where, runner):
-        pid = start_job(runner, job, name, job_flags, resume=resume, nproc=nproc)
+    with _session(target, stack, host, user, key) as (where, runner):
+        rate = job_rate(where)  # USD/hour into the job's run.json: 0 here, the stack's on a VM
+        pid = start_job(
+            runner, job, name, job_flags, resume=resume, nproc=nproc, cost_per_hour=rate
+        )
         print(f"started {job} {name!r} (pid {pid}) in {runner.path('runs/' + name)}")
         if follow:
             follow_log(runner, name)
@@ -183,14 +187,31 @@ def _pop_flag(args: list[str], flag: str) -> str:
     return ""
 
 
-@task(help=_help())
-def runs(c, target="", stack="", host="", user="", key=""):
-    """List the runs on the host with their state."""
-    from remote.launch import probe
-    from remote.report import runs_table
+@task(
+    iterable=["compare"],
+    help=_help(
+        compare="runs to put side by side, comma-separated: --compare ft-100,ft-500 "
+        "(a table, and a PNG plot drawn on the host)",
+        plot="where to save the comparison plot (default: runs/compare_A_vs_B.png)",
+    ),
+)
+def runs(c, compare=None, plot="", target="", stack="", host="", user="", key=""):
+    """List the runs with their state, time and cost; --compare puts chosen runs side by side.
 
+    fab runs --compare ft-100,ft-500,ft-1000   # data size, steps, time, tokens/s, val loss, cost
+    """
+    from remote import compare as cmp
+    from remote.launch import probe
+    from remote.report import compare_table, runs_table
+
+    wanted = cmp.names(compare) if compare else []
     with _session(target, stack, host, user, key) as (_where, runner):
-        print(runs_table(probe(runner)["runs"]))
+        if not wanted:
+            print(runs_table(probe(runner)["runs"]))
+            return
+        print(compare_table(cmp.pick(runner, wanted)))
+        out = Path(plot) if plot else cmp.default_plot(paths.local_runs_dir(), wanted)
+        print(f"plot: {cmp.plot(runner, wanted, out)}")
 
 
 @task(
@@ -224,14 +245,22 @@ def logs(
 
 @task(help=_help())
 def status(c, target="", stack="", host="", user="", key=""):
-    """Each run's state, step, loss, tokens/s and ETA; the host's CPU, memory and disk."""
+    """Each run's state, step, loss, tokens/s, time, cost and ETA; the host; what it has cost.
+
+    Under the runs: the host's CPU, memory and disk; the VM's running time and cost since its
+    last start; the stack's total since `pulumi up`; and when the run-time cap stops the VM.
+    """
+    from remote import costs
     from remote.launch import probe
     from remote.report import host_line, status_table
 
-    with _session(target, stack, host, user, key) as (_where, runner):
+    with _session(target, stack, host, user, key) as (where, runner):
         report = probe(runner)
-        print(status_table(report["runs"]))
-        print(host_line(report["host"]))
+    print(status_table(report["runs"]))
+    print(host_line(report["host"]))
+    for line in costs.vm_lines(report["host"], costs.rates(where)):
+        print(line)
+    costs.save_boots(where, report["host"])
 
 
 @task(
@@ -513,12 +542,38 @@ def start(c, stack=""):
 
 @task(help={"stack": HOST_HELP["stack"]})
 def stop(c, stack=""):
-    """Stop the instance: compute billing stops, the disk and its runs stay."""
+    """Stop the instance: compute billing stops, the disk and its runs stay. Says what it cost.
+
+    Before stopping it reads the VM's uptime and boot log (over SSH, when it answers), so it
+    can say what this start and the whole stack have cost, and what a stopped VM still costs.
+    """
+    from remote import costs
+    from remote.lifecycle import launch_time
     from remote.lifecycle import stop as stop_instance
 
     where = _aws_target(stack)
+    launched = _aws(launch_time, where.region, where.instance_id)
+    host = _host_report(where) if launched is not None else {}
     state = _aws(stop_instance, where.region, where.instance_id)
     print(f"{where.instance_id} is {state}. `fab start` brings it back.")
+    for line in costs.spent_lines(where, host, launched):
+        print(line)
+
+
+def _host_report(where: Target) -> dict:
+    """The host part of the probe, or {} when the VM does not answer (then `fab stop` says
+    what it knows from EC2 and the last boot log it read)."""
+    from remote import costs
+    from remote.launch import probe
+
+    try:
+        with connect(where) as runner:
+            host = probe(runner)["host"]
+    except Exit as why:
+        print(f"(could not read the VM's boot log: {str(why.message).splitlines()[0]})")
+        return {}
+    costs.save_boots(where, host)
+    return host
 
 
 def _aws_target(stack: str) -> Target:

@@ -189,6 +189,9 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert _alive(pid), "fab returned but the job is gone: it was not detached"
     assert Path(f"/proc/{pid}").stat().st_uid == sshd.uid, "the job runs as the login user"
     assert os.getsid(pid) == pid, "the job must lead its own session (setsid)"
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    rate = _outputs(vm)["cost_per_hour"]["running_usd"]
+    assert f"TINYCLOUD_COST_PER_HOUR={rate}".encode() in environ, "the stack's price, for run.json"
 
     twice = fab(vm, "train", "pretrain", "--name", RUN, "--args", JOB_FLAGS)
     assert twice.code == 1 and "is still" in twice.err, twice.text
