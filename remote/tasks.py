@@ -527,6 +527,21 @@ def ssh(c, open=False, target="", stack="", host="", user="", key=""):
         raise Exit(code=code)
 
 
+@task(help=_help())
+def doctor(c, target="", stack="", host="", user="", key=""):
+    """Pre-flight checks on one screen, each ✓ or ✗ with the exact fix (? = could not tell).
+
+    Pulumi CLI, backend login, stack, passphrase and outputs; AWS credentials, region and
+    the vCPU quota for the instance type; your IP in allowedCidrs; key and known_hosts; the
+    instance running, the VM reachable, booted and set up. Changes nothing.
+    """
+    from remote.doctor import diagnose, report
+
+    failed = report(diagnose(target, stack, host, user, key))
+    if failed:
+        raise Exit(f"{failed} check(s) failed: fix the first ✗, then run `fab doctor` again.")
+
+
 # --- instance lifecycle ------------------------------------------------------------------------
 
 
@@ -649,4 +664,5 @@ ns = Collection(
     start,
     stop,
     demo,
+    doctor,
 )
