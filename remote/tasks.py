@@ -484,6 +484,21 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
     if where.local:
         raise Exit("--target local needs no tunnel: the API is already on 127.0.0.1.")
     local = int(local_port) or where.api_port
+    print(
+        f"forwarding http://127.0.0.1:{local} -> {where.host}:{where.api_port} "
+        f'(fab prompt --url http://127.0.0.1:{local} "..."); Ctrl-C to stop',
+        flush=True,
+    )
+    code = _forward(where, local, where.api_port)
+    if code is not None and code != 0:
+        raise Exit(f"the tunnel ended (ssh exit {code}); run `fab tunnel` again.", code=code)
+
+
+def _forward(where: Target, local: int, remote: int) -> int | None:
+    """ssh -L 127.0.0.1:local -> the host's 127.0.0.1:remote until it ends (its exit code) or
+    Ctrl-C / SIGTERM here (None), with the same key and pinned host key as every task."""
+    from remote.foreground import run_until_stopped
+
     argv = where.ssh_argv(
         "-N",
         "-o",
@@ -495,18 +510,52 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
         "-o",
         "ServerAliveCountMax=4",
         "-L",
-        f"127.0.0.1:{local}:127.0.0.1:{where.api_port}",
+        f"127.0.0.1:{int(local)}:127.0.0.1:{int(remote)}",
     )
+    return run_until_stopped(argv)
+
+
+@task(
+    help=_help(
+        stop="stop the notebook server (and its kernels) and exit",
+        port="the server's port on the host's 127.0.0.1 (default 8888)",
+        local_port="port on this machine for the tunnel (default: --port)",
+    ),
+)
+def notebook(c, stop=False, port=0, local_port=0, target="", stack="", host="", user="", key=""):
+    """JupyterLab on the host in the job environment, through an SSH tunnel. Ctrl-C ends it.
+
+    The server keeps running detached (notebooks, kernels and jobs in them too) until
+    `fab notebook --stop`; run `fab notebook` again to reconnect. It listens on the host's
+    127.0.0.1 only and wants the token in the printed URL. Ships notebooks/course.ipynb.
+    """
+    from remote import notebook as nb
+    from remote.costs import job_rate
+
+    where = resolve(target, stack, host, user, key)
+    port = int(port) or nb.PORT
+    with connect(where) as runner:
+        if stop:
+            print("stopped the notebook server" if nb.stop(runner) else "no notebook server ran")
+            return
+        how = nb.start(runner, port=port, key=nb.token(where), cost_per_hour=job_rate(where))
+        base = runner.path(nb.NOTEBOOKS)
+    local = port if where.local else int(local_port) or port
+    url = f"http://127.0.0.1:{local}/lab/tree/{nb.NOTEBOOKS}/course.ipynb?token={nb.token(where)}"
+    print(f"JupyterLab {how}: notebooks in {base}")
+    if where.local:
+        print(f"open {url}")
+        print("it keeps running; stop it with `fab notebook --stop --target local`")
+        return
+    print(f"open {url}")
     print(
-        f"forwarding http://127.0.0.1:{local} -> {where.host}:{where.api_port} "
-        f'(fab prompt --url http://127.0.0.1:{local} "..."); Ctrl-C to stop',
+        "Ctrl-C ends the tunnel; the server keeps running (`fab notebook` reconnects, "
+        "`fab notebook --stop` stops it)",
         flush=True,
     )
-    from remote.foreground import run_until_stopped
-
-    code = run_until_stopped(argv)
+    code = _forward(where, local, port)
     if code is not None and code != 0:
-        raise Exit(f"the tunnel ended (ssh exit {code}); run `fab tunnel` again.", code=code)
+        raise Exit(f"the tunnel ended (ssh exit {code}); run `fab notebook` again.", code=code)
 
 
 @task(
@@ -660,6 +709,7 @@ ns = Collection(
     prompt,
     chat,
     tunnel,
+    notebook,
     ssh,
     start,
     stop,
