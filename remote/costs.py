@@ -114,10 +114,12 @@ def vm_lines(host: dict[str, Any], r: Rates | None) -> list[str]:
     return lines
 
 
-def since_start_line(uptime_s: float, r: Rates, head: str = "vm: running") -> str:
+def since_start_line(
+    uptime_s: float, r: Rates, head: str = "vm: up {} since its last start"
+) -> str:
     cost = None if r.running is None else uptime_s * r.running / 3600
     rate = "no price for this type" if r.running is None else f"${r.running:.3f}/hour"
-    return f"{head} {duration(uptime_s)} since its last start ≈ {usd(cost)} ({rate})"
+    return f"{head.format(duration(uptime_s))} ≈ {usd(cost)} ({rate})"
 
 
 def stack_line(s: Spend, head: str = "stack:") -> str:
@@ -160,7 +162,7 @@ def spent_lines(target: Target, host: dict[str, Any], launched_s: float | None) 
     uptime = host.get("uptime_s")
     if uptime is None and launched_s is not None:
         uptime = max(0.0, now - launched_s)
-    lines = [] if uptime is None else [since_start_line(uptime, r, "this start: ran")]
+    lines = [] if uptime is None else [since_start_line(uptime, r, "this start: {} running")]
     boots = host.get("boots") or load_boots(target).get("boots")
     if boots:
         fresh = "" if host.get("boots") else " (from the last boot log fab read)"

@@ -196,8 +196,11 @@ def stack_outputs(f: Findings) -> None:
 
 
 def _aws_error(err: Exception) -> str:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
-    return f"{code}: {err}" if code else str(err)
+    """``Code: message`` from a ClientError, without botocore's "An error occurred" wrapping."""
+    error = getattr(err, "response", {}).get("Error", {})
+    if error.get("Code"):
+        return f"{error['Code']}: {error.get('Message', '')}".rstrip(": ")
+    return str(err)
 
 
 def aws_credentials(f: Findings) -> None:

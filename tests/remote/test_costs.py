@@ -116,7 +116,7 @@ def test_vm_lines_say_since_start_total_and_cap():
         "max_run_hours": 12,
     }
     vm, stack, cap = costs.vm_lines(host, r)
-    assert vm == "vm: running 2:00:00 since its last start ≈ $0.22 ($0.112/hour)"
+    assert vm == "vm: up 2:00:00 since its last start ≈ $0.22 ($0.112/hour)"
     assert stack.startswith("stack: 3:00:00 running + 27:00:00 stopped since ")
     assert stack.endswith(f"≈ ${3 * 0.112 + 27 * 0.016:.2f} in all (estimate at list prices)")
     assert cap.startswith("cap: the VM stops itself 10:00:00 from now (maxRunHours 12)")
@@ -230,7 +230,7 @@ def test_status_over_ssh_shows_the_vm_the_stack_and_the_cap(fab, vm, sshd, tmp_p
     r = fab(env, "status")
     assert r.code == 0, r.text
     lines = r.out.splitlines()
-    vm_line = next(x for x in lines if x.startswith("vm: running "))
+    vm_line = next(x for x in lines if x.startswith("vm: up "))
     assert "since its last start ≈ $" in vm_line and "($0.112/hour)" in vm_line
     stack = next(x for x in lines if x.startswith("stack: "))
     assert "in all (estimate at list prices)" in stack
