@@ -515,11 +515,26 @@ def _forward(where: Target, local: int, remote: int) -> int | None:
     return run_until_stopped(argv)
 
 
+def _free_local_port(first: int) -> int:
+    """``first``, or the next port free on this machine's loopback: a laptop often has its own
+    Jupyter on 8888 already."""
+    import socket
+
+    for port in range(first, first + 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise Exit(f"no free port from {first} to {first + 99} here; pass --local-port N.")
+
+
 @task(
     help=_help(
         stop="stop the notebook server (and its kernels) and exit",
         port="the server's port on the host's 127.0.0.1 (default 8888)",
-        local_port="port on this machine for the tunnel (default: --port)",
+        local_port="port on this machine for the tunnel (default: --port, or the next free)",
     ),
 )
 def notebook(c, stop=False, port=0, local_port=0, target="", stack="", host="", user="", key=""):
@@ -540,7 +555,7 @@ def notebook(c, stop=False, port=0, local_port=0, target="", stack="", host="", 
             return
         how = nb.start(runner, port=port, key=nb.token(where), cost_per_hour=job_rate(where))
         base = runner.path(nb.NOTEBOOKS)
-    local = port if where.local else int(local_port) or port
+    local = port if where.local else int(local_port) or _free_local_port(port)
     url = f"http://127.0.0.1:{local}/lab/tree/{nb.NOTEBOOKS}/course.ipynb?token={nb.token(where)}"
     print(f"JupyterLab {how}: notebooks in {base}")
     if where.local:

@@ -137,10 +137,16 @@ def test_fab_notebook_tunnels_to_jupyterlab_that_outlives_the_tunnel(fab, vm, ss
 
     edited = work / "notebooks" / "course.ipynb"
     edited.write_text(edited.read_text().replace("Part 1", "Part One"))
-    again = fab_cli(vm, "notebook", "--port", str(port), "--local-port", str(local))
+    # No --local-port: the server's own port is taken here (the stand-in VM is this machine,
+    # as a laptop's own Jupyter may hold 8888), so the tunnel takes the next free one.
+    again = fab_cli(vm, "notebook", "--port", str(port))
     try:
         lines = [next(again.stdout) for _ in range(2)]
         assert lines[0].startswith("JupyterLab already running"), lines
+        moved = int(lines[1].split("127.0.0.1:")[1].split("/")[0])
+        assert moved != port
+        status = f"http://127.0.0.1:{moved}/api/status"
+        wait_for("the second tunnel", lambda: get(status, token) == 200, timeout=60)
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(30)
