@@ -27,7 +27,7 @@ from invoke import Exit
 
 from facts import Output
 from remote import paths
-from remote.target import Target, in_cidrs, read_stack_outputs, resolve
+from remote.target import Target, in_cidrs, resolve, stack_target
 
 MARKS = {True: "✓", False: "✗", None: "?"}
 NAME_WIDTH = 24
@@ -71,9 +71,8 @@ class Findings:
     aws: bool = False
     region: str = ""
 
-    def add(self, what: str, ok: bool | None, detail: str, fix: str = "") -> bool | None:
+    def add(self, what: str, ok: bool | None, detail: str, fix: str = "") -> None:
         self.checks.append(Check(what, ok, detail, fix))
-        return ok
 
     def needs(self, what: str, earlier: str) -> None:
         self.checks.append(Check(what, False, f"not checked: needs {earlier}", skipped=True))
@@ -178,18 +177,14 @@ def _passphrase_given() -> bool:
 
 
 def stack_outputs(f: Findings) -> None:
+    """Readable, complete, and written down as `fab` uses them (key file, pinned host key)."""
     try:
-        outputs, name = read_stack_outputs(f.stack)
+        f.target = stack_target(f.stack)
     except Exit as why:
         return f.add("stack outputs", False, str(why.message), "pulumi up")
-    from remote.target import stack_target
-
-    try:
-        f.target = stack_target(name)
-    except Exit as why:
-        return f.add("stack outputs", False, str(why.message), "pulumi up")
-    iid = outputs.get(Output.INSTANCE_ID, "?")
-    f.add("stack outputs", True, f"{len(outputs)} outputs of stack {name}; instance {iid}")
+    outputs = f.target.outputs
+    what = f"{len(outputs)} outputs of stack {f.target.name}"
+    f.add("stack outputs", True, f"{what}; instance {outputs.get(Output.INSTANCE_ID, '?')}")
 
 
 # --- AWS ---------------------------------------------------------------------------------------
