@@ -99,9 +99,9 @@ def _bring_up_to_now(info: dict) -> None:
     try:
         written = datetime.strptime(info["updated_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
     except (KeyError, TypeError, ValueError):
-        return
-    if elapsed is None:
-        return
+        written = None
+    if elapsed is None or written is None:
+        return  # a job that records no time yet: show what run.json says
     info[RunField.ELAPSED_S] = elapsed + max(0.0, time.time() - written)
     rate = info.get(RunField.COST_PER_HOUR_USD)
     if rate is not None:
