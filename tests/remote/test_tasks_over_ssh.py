@@ -245,7 +245,8 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert f"resumed {RUN} at step" in log
     final = fab(vm, "status")
     assert " completed " in next(x for x in final.out.splitlines() if x.startswith(RUN))
-    assert final.out.splitlines()[-1].startswith("host: ")
+    assert any(line.startswith("host: ") for line in final.out.splitlines())
+    assert "vm: up " in final.out  # the stand-in stack has prices, the VM an uptime
 
 
 @pytest.mark.slow
