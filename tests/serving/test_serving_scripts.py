@@ -116,7 +116,8 @@ def test_prompt_sh_sends_the_prompt_intact(cli_server, tmp_path, tiny_model_dir)
     r = run_prompt(script, HOSTILE, "300", cwd=tmp_path)
     assert r.returncode == 1
     assert (
-        f"HTTP 422: `inputs` tokens + `max_new_tokens` must be <= 256. Given: {n} `inputs`"
+        "HTTP 422: Input validation error: `inputs` tokens + `max_new_tokens` must be <= 256. "
+        f"Given: {n} `inputs`"
         in r.stderr
     )
 
