@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from serving import constants as C
 from serving import sse
 from serving.engine import Finished, TokenOut
-from serving.replies import ERRORS, SSE, begin, error_body, finite
+from serving.replies import ERRORS, SSE, TGIRoute, begin, error_body, finite
 from serving.schema import (
     ChatChoice,
     ChatChunkChoice,
@@ -47,9 +47,8 @@ from serving.schema import (
     openai_finish_reason,
 )
 from serving.service import Prepared, RequestError, Service, Ticket, ToolError, timing_headers
-from serving.strict_json import StrictJSONRoute
 
-router = APIRouter(route_class=StrictJSONRoute)
+router = APIRouter(route_class=TGIRoute)
 
 
 def _service(request: Request) -> Service:
@@ -79,7 +78,8 @@ def completion_parameters(req: CompletionRequest) -> GenerateParameters:
 
 def chat_parameters(req: ChatRequest) -> GenerateParameters:
     """TGI's ``ChatRequest::try_into_generate`` (presence_penalty kept as OpenAI's, see docs)."""
-    if req.tools and req.response_format is not None:
+    constrained = req.response_format is not None and req.response_format.type != "text"
+    if req.tools and constrained:
         raise ToolError("Grammar and tools are mutually exclusive")
     if req.tools:
         raise ToolError("tools are not supported by this server; see docs/serving.md")

@@ -5,16 +5,24 @@ request (service.py). Shared by ``server.py`` and ``openai_routes.py``.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
 from serving import constants as C
 from serving.engine import TokenOut
 from serving.schema import ErrorResponse, Token
 from serving.service import Ticket, error_kind
+from serving.strict_json import StrictJSONRoute
+
+log = logging.getLogger("serving.replies")
 
 # What each error body says before the message, as TGI's InferError displays it.
 _PREFIX = {
@@ -85,3 +93,34 @@ def begin(request: Request) -> Ticket:
     ticket = request.app.state.service.ticket()
     request.state.ticket = ticket
     return ticket
+
+
+def answer_error(request: Request, exc: BaseException) -> JSONResponse:
+    """TGI's answer for an exception raised while serving ``request``, counted once."""
+    ticket = getattr(request.state, "ticket", None)
+    if ticket is not None:
+        ticket.fail(exc)
+    status, body = error_body(exc)
+    if status == 500:
+        log.error("request failed: %r", exc, exc_info=exc)
+    headers = {"Retry-After": str(C.RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class TGIRoute(StrictJSONRoute):
+    """Every route: strict JSON in, and any exception out as TGI's JSON error. (Starlette's
+    last-resort handler would answer too, but then re-raises, and uvicorn drops the
+    connection.)"""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (HTTPException, RequestValidationError):
+                raise  # the app's handlers answer these
+            except Exception as exc:
+                return answer_error(request, exc)
+
+        return guarded

@@ -32,9 +32,12 @@ def _as_f32(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
     try:
-        return struct.unpack("f", struct.pack("f", value))[0]
+        f32 = struct.unpack("f", struct.pack("f", value))[0]
     except OverflowError:
-        raise ValueError("is too large for a 32-bit float (|x| < 3.4e38)") from None
+        f32 = math.inf
+    if not math.isfinite(f32):
+        raise ValueError("is too large for a 32-bit float (|x| < 3.4e38)")
+    return f32
 
 
 F32 = Annotated[float, AfterValidator(_as_f32)]
@@ -51,7 +54,7 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# --- grammars: TGI's GrammarType (tag "type", content "value") -----------------------------------
+# --- grammars: TGI's GrammarType (tag "type", content "value") ------------------------------------
 
 
 class JsonGrammar(_Request):
@@ -79,7 +82,7 @@ class JsonSchemaGrammar(_Request):
 Grammar = Annotated[JsonGrammar | RegexGrammar | JsonSchemaGrammar, Field(discriminator="type")]
 
 
-# --- TGI: /generate, /generate_stream, /, /tokenize ----------------------------------------------
+# --- TGI: /generate, /generate_stream, /, /tokenize -----------------------------------------------
 
 
 class GenerateParameters(_Request):
@@ -244,7 +247,7 @@ class Info(_Response):
     prompt_format: dict[str, Any] | None = None
 
 
-# --- OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models, /chat_tokenize --------
+# --- OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models, /chat_tokenize ---------
 
 
 class StreamOptions(_Request):

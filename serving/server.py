@@ -38,6 +38,7 @@ from serving.replies import (
     ERRORS,
     SSE,
     TIMING_HEADERS,
+    TGIRoute,
     begin,
     error,
     error_body,
@@ -67,7 +68,6 @@ from serving.service import (
     timing_headers,
 )
 from serving.settings import Settings, from_args
-from serving.strict_json import StrictJSONRoute
 from serving.validation import ValidationError
 
 log = logging.getLogger("serving.server")
@@ -95,7 +95,7 @@ def create_app(settings: Settings, loaded: LoadedModel) -> FastAPI:
         docs_url=None,  # Swagger UI loads from a CDN; the API is documented in docs/serving.md
         redoc_url=None,
     )
-    app.router.route_class = StrictJSONRoute
+    app.router.route_class = TGIRoute
     app.state.service = service
     _install_error_handlers(app)
     _add_tgi_routes(app, service)

@@ -48,7 +48,7 @@ def greedy(inputs: str, n: int = 12, **extra) -> dict:
     return {"inputs": inputs, "parameters": {"max_new_tokens": n, "details": True, **extra}}
 
 
-# --- endpoints -----------------------------------------------------------------------------------
+# --- endpoints ------------------------------------------------------------------------------------
 
 
 def test_health_is_open_and_info_describes_the_model(server, client, tiny_model_dir):
@@ -180,7 +180,7 @@ def test_models_and_metrics(client):
     assert float(done[0].split()[-1]) >= 1
 
 
-# --- stop sequences ----------------------------------------------------------------------------
+# --- stop sequences -------------------------------------------------------------------------------
 
 
 def test_stop_sequence_across_token_boundary(client):
@@ -288,7 +288,7 @@ def test_cors_allows_only_configured_origins(server):
     assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
 
 
-# --- concurrency ---------------------------------------------------------------------------------
+# --- concurrency ----------------------------------------------------------------------------------
 
 
 def test_fifty_concurrent_requests_all_answered_and_batching_changes_nothing(server, client):
