@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from serving import constants as C
-from serving import sse
+from serving import openapi, sse
 from serving.engine import Engine, Finished, GenerationFailed, Overloaded
 from serving.middleware import BearerAuth, BodyLimit
 from serving.model import LoadedModel, load_model
@@ -100,6 +100,7 @@ def create_app(settings: Settings, loaded: LoadedModel) -> FastAPI:
     _install_error_handlers(app)
     _add_tgi_routes(app, service)
     app.include_router(openai_router)
+    openapi.install(app, api_key=bool(settings.api_key))
     # Starlette wraps the last-added middleware outermost: CORS sees every answer (401 and 413
     # included, so a browser can read them), then the body limit, then auth.
     if settings.api_key:
@@ -167,15 +168,22 @@ def describe_validation(exc: RequestValidationError) -> tuple[int, str]:
 def _add_tgi_routes(app: FastAPI, service: Service) -> None:
     compute_type = service.loaded.device
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    probe = {"response_class": Response, "responses": {503: {"model": ErrorResponse}}}
+
+    @app.get("/health", **probe)
     async def health() -> Response:
         """200 once the model is loaded and the scheduler runs (no key needed)."""
         if not service.engine.alive:
             return error(503, "unhealthy", "healthcheck")
         return Response(status_code=200)
 
-    app.add_api_route("/ping", health, methods=["GET"], responses={503: {"model": ErrorResponse}})
-    app.add_api_route("/", health, methods=["GET"], responses={503: {"model": ErrorResponse}})
+    app.add_api_route("/ping", health, methods=["GET"], **probe)
+    app.add_api_route("/", health, methods=["GET"], **probe)
+
+    @app.get("/api-doc/openapi.json", include_in_schema=False)
+    async def tgi_openapi() -> dict[str, Any]:
+        """Where TGI serves its OpenAPI document; the same as /openapi.json here."""
+        return app.openapi()
 
     @app.get("/info", response_model=Info, responses=ERRORS)
     async def info() -> dict[str, Any]:

@@ -43,10 +43,8 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
 def metric(client: httpx.Client, name: str) -> float:
     """The value of one sample line of /metrics (0 when absent)."""
     for line in client.get("/metrics").text.splitlines():
-        if (
-            line.startswith(name + " ")
-            or (line.startswith(name + "{")
-            and line.split(" ")[0] == name)
+        if line.startswith(name + " ") or (
+            line.startswith(name + "{") and line.split(" ")[0] == name
         ):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
