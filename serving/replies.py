@@ -19,7 +19,7 @@ from starlette.responses import Response
 from serving import constants as C
 from serving.engine import TokenOut
 from serving.schema import ErrorResponse, Token
-from serving.service import Ticket, error_kind
+from serving.service import ClientLeft, Ticket, error_kind
 from serving.strict_json import StrictJSONRoute
 
 log = logging.getLogger("serving.replies")
@@ -120,6 +120,8 @@ class TGIRoute(StrictJSONRoute):
                 return await handler(request)
             except (HTTPException, RequestValidationError):
                 raise  # the app's handlers answer these
+            except ClientLeft:  # counted as cancelled; nobody reads this (nginx's 499)
+                return Response(status_code=499)
             except Exception as exc:
                 return answer_error(request, exc)
 

@@ -49,6 +49,10 @@ class ToolError(ValueError):
     """A tools request this server cannot run (422, error_type tool_error)."""
 
 
+class ClientLeft(Exception):
+    """The client disconnected before its answer was ready: nobody is left to answer."""
+
+
 class RequestError(ValueError):
     """A refusal TGI words in its own way (``suffix not supported``, ``batch size exceeded``):
     a 422 with that error type, counted as a validation failure as TGI counts it."""
@@ -228,7 +232,7 @@ class Service:
                     break
                 if await request.is_disconnected():
                     ticket.settle(C.CANCELLED)
-                    raise asyncio.CancelledError("client disconnected")
+                    raise ClientLeft
         finally:
             for stream, task in zip(streams, tasks, strict=True):
                 stream.cancel()  # a no-op for those that finished

@@ -88,7 +88,8 @@ class Client:
 
     def count(self, kind: str, status: int) -> None:
         self.tally[f"{kind} {status}"] += 1
-        self.tally["routed"] += kind != "unparsable"
+        # a request abandoned before its answer may have been dropped before it reached a route
+        self.tally["routed" if status else "maybe-routed"] += kind != "unparsable"
         self.tally["429"] += status == 429
 
     async def generate(self) -> None:
@@ -193,7 +194,8 @@ def test_soak(tiny_model_dir, port):
         )
     finally:
         stop_subprocess_server(proc)
-    assert not [line for line in log if "Traceback" in line or "ERROR" in line], "".join(log)
+    problems = [i for i, line in enumerate(log) if "Traceback" in line or "ERROR" in line]
+    assert not problems, "".join(list(log)[problems[0] : problems[0] + 60]) if problems else ""
     sent = {k: v for k, v in seen.items() if " " in k}
     print(f"soak: {sum(sent.values())} requests in {SOAK_S:.0f}s: {dict(sorted(sent.items()))}")
     print(f"memory: plateau {plateau / 2**20:.0f} MiB, after {rss / 2**20:.0f} MiB")
@@ -207,7 +209,8 @@ def test_soak(tiny_model_dir, port):
     failures = {k: v for k, v in delta.items() if k.startswith("tgi_request_failure_total")}
     settled = delta["tgi_request_success_total"] + sum(failures.values())
     settled += delta["tinycloud_request_cancelled_total"]
-    assert delta["tgi_request_count_total"] == seen["routed"] == settled
+    assert delta["tgi_request_count_total"] == settled
+    assert seen["routed"] <= settled <= seen["routed"] + seen["maybe-routed"]
     assert failures.get('tgi_request_failure_total{err="overloaded"}', 0) == seen["429"]
     refused = sum(v for k, v in seen.items() if k.startswith("invalid 422"))
     assert failures.get('tgi_request_failure_total{err="validation"}', 0) == refused
