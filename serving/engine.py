@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -182,7 +183,6 @@ class Engine:
         self._in_flight = 0
         self._stopping = False
         self._special = frozenset(loaded.tokenizer.all_special_ids)
-        self._finite = _all_finite()
         self._thread = threading.Thread(target=self._run, name="serving-scheduler", daemon=True)
         self.steps = 0  # decode steps run (a test and /metrics read it)
         self.step_hook: Callable[[], None] | None = None  # called before each model step
@@ -327,8 +327,6 @@ class Engine:
         if self.sample_hook:
             self.sample_hook(seq)
         spec = seq.spec
-        if not bool(self._finite(logits)):
-            raise RuntimeError("the model produced non-finite logits for this sequence")
         # the prompt + output list is only built when a penalty needs it (a copy per token)
         context = spec.input_ids + seq.generated if spec.sampling.penalized else spec.input_ids
         allowed = seq.constraint.allowed(logits.shape[-1]) if seq.constraint else None
@@ -342,6 +340,8 @@ class Engine:
             top_n=spec.top_n_tokens,
         )
         token = choice.token
+        if not math.isfinite(choice.logprob):  # NaN or inf anywhere in the row ends up here
+            raise RuntimeError("the model produced non-finite logits for this sequence")
         if seq.constraint:
             seq.constraint.advance(token)
         seq.generated.append(token)
@@ -428,9 +428,3 @@ class Engine:
                 seq.post(None, error)
         self._release(victims)
         self._active = []
-
-
-def _all_finite() -> Callable[[Any], Any]:
-    import torch
-
-    return lambda row: torch.isfinite(row).all()
