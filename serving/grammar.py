@@ -159,4 +159,19 @@ def checked_schema(schema: Any) -> Any:
         raise GrammarError("grammar is not valid: the schema is nested too deeply") from None
     if not isinstance(schema, dict) or "properties" not in schema:
         raise GrammarError("grammar is not valid: Grammar must have a 'properties' field")
-    return schema
+    return as_outlines_reads_it(schema)
+
+
+def as_outlines_reads_it(schema: Any) -> Any:
+    """outlines-core (TGI's compiler, json_schema/parsing.rs) reads any schema with
+    ``properties`` as an object of exactly those properties, in their order: whatever its
+    ``type`` and ``additionalProperties`` say. (In JSON Schema proper it would also admit
+    ``null``, or extra keys, which a small model then fills forever.) Say so for llguidance."""
+    if isinstance(schema, list):
+        return [as_outlines_reads_it(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: as_outlines_reads_it(v) for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict):
+        out.update(type="object", additionalProperties=False)
+    return out

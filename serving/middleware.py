@@ -16,7 +16,7 @@ Scope = dict[str, Any]
 
 
 async def send_error(send: Any, status: int, message: str, error_type: str, **headers: str):
-    body = json.dumps({"error": message, "error_type": error_type}).encode()
+    body = json.dumps({"error": message, "error_type": error_type}, separators=(",", ":")).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.replace("_", "-").lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -88,6 +88,24 @@ def test_json_grammar_constrains_the_output_to_the_schema(client):
     jsonschema.validate(json.loads(sampled.json()["generated_text"]), PERSON)
 
 
+def test_json_grammar_reads_properties_as_outlines_does(client):
+    """TGI compiles with outlines-core, which reads ``properties`` as an object of exactly those
+    keys (no ``type``: still an object; no ``additionalProperties: false``: still no extras)."""
+    loose = {
+        "properties": {"colour": {"enum": ["red", "blue"]}, "n": {"type": "integer", "maximum": 9}}
+    }
+    for seed in range(3):
+        r = generate(
+            client,
+            max_new_tokens=40,
+            do_sample=True,
+            seed=seed,
+            grammar={"type": "json", "value": loose},
+        )
+        value = json.loads(r.json()["generated_text"])
+        assert isinstance(value, dict) and set(value) <= {"colour", "n"}, value
+
+
 def test_regex_grammar(client):
     for pattern, check in (("(yes|no)", {"yes", "no"}.__contains__), ("[0-9]{3}", str.isdigit)):
         for params in ({}, {"do_sample": True, "seed": 1}):
