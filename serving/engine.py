@@ -149,7 +149,8 @@ class _Sequence:
         self.prefill: list[tuple[int, str, float | None]] = []
         self.text = ""
         self.detok = _Detokenizer(engine.loaded.tokenizer, spec.input_ids)
-        self.generator = torch.Generator().manual_seed(spec.seed)
+        device = engine.loaded.runner.device  # multinomial wants its generator beside the logits
+        self.generator = torch.Generator(device=device).manual_seed(spec.seed)
         self.constraint = constraint  # grammar.Constraint or None
         self.queued = time.perf_counter()
         self.started = 0.0

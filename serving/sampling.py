@@ -118,7 +118,7 @@ def choose(
     if params.penalized:
         logits = apply_penalties(logits, params, context, generated)
     if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if not params.sampling:
         logprobs = torch.log_softmax(logits, dim=-1)
         token = int(torch.argmax(logits))

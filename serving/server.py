@@ -30,7 +30,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from serving import constants as C
 from serving import openapi, sse
-from serving.engine import Engine, Finished, GenerationFailed, Overloaded
+from serving.engine import Engine, Finished
 from serving.middleware import BearerAuth, BodyLimit
 from serving.model import LoadedModel, load_model
 from serving.openai_routes import router as openai_router
@@ -39,6 +39,7 @@ from serving.replies import (
     SSE,
     TIMING_HEADERS,
     TGIRoute,
+    answer_error,
     begin,
     error,
     error_body,
@@ -59,16 +60,12 @@ from serving.schema import (
     StreamResponse,
 )
 from serving.service import (
-    RequestError,
     Service,
-    TemplateError,
     Ticket,
-    ToolError,
     error_kind,
     timing_headers,
 )
 from serving.settings import Settings, from_args
-from serving.validation import ValidationError
 
 log = logging.getLogger("serving.server")
 
@@ -120,26 +117,12 @@ def create_app(settings: Settings, loaded: LoadedModel) -> FastAPI:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def served(request: Request, exc: Exception) -> JSONResponse:
-        ticket = getattr(request.state, "ticket", None)
-        if ticket is not None:
-            ticket.fail(exc)
-        status, body = error_body(exc)
-        if status == 500:
-            log.error("request failed: %r", exc, exc_info=exc)
-        headers = {"Retry-After": str(C.RETRY_AFTER_S)} if status == 429 else None
-        return JSONResponse(body, status_code=status, headers=headers)
+    """Routes answer their own errors (replies.TGIRoute); these cover the rest: a bug outside a
+    route, bodies FastAPI cannot read, and Starlette's 404/405."""
 
-    for kind in (
-        ValidationError,
-        Overloaded,
-        GenerationFailed,
-        TemplateError,
-        ToolError,
-        RequestError,
-    ):
-        app.add_exception_handler(kind, served)
-    app.add_exception_handler(Exception, served)  # anything else: a 500 in TGI's shape
+    @app.exception_handler(Exception)
+    async def served(request: Request, exc: Exception) -> JSONResponse:
+        return answer_error(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
