@@ -32,6 +32,9 @@ VM_READY_MARKER = f"{VM_STATE_DIR}/ready"  # the bootstrap's last act: the VM is
 ENV_PREFIX = "TINYCLOUD_"  # every variable tinycloud reads starts so (see remote/paths.py)
 RUNS_ENV = "TINYCLOUD_RUNS"  # the runs root a job writes under; `fab` and cloud-init set it
 API_KEY_ENV = "TINYCLOUD_API_KEY"  # the native server's API key, from a 0600 env file
+# The instance's price in USD an hour: `fab train` sets it from the stack outputs (cost_per_hour)
+# and every job records elapsed time x price in run.json. Absent (a local run): it costs 0.
+COST_PER_HOUR_ENV = "TINYCLOUD_COST_PER_HOUR"
 
 
 # --- contract 1: the stack outputs `pulumi up` exports and `fab` reads ---------------------------
@@ -56,6 +59,7 @@ TRAIN_LOG = "train.log"  # the job's own log lines
 CONSOLE_LOG = "console.log"  # raw stdout/stderr of a detached job (progress bars, tracebacks)
 METRICS = "metrics.jsonl"  # one JSON object per logged step
 CHECKPOINT = "ckpt.pt"  # pretrain's last complete checkpoint
+BEST_WEIGHTS = "best.pt"  # pretrain --keep best: the weights of the best evaluation so far
 TRAINER_CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N dirs (finetune, dpo)
 LOSS_PLOT = "loss.png"
 MODEL_DIR = "model"  # a save_pretrained directory TGI and the native server both load
@@ -71,6 +75,34 @@ class RunState(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+
+
+class RunKey(StrEnum):
+    """The run.json keys read outside the job that wrote them (`fab status`, `fab runs`,
+    `fab runs --compare`). Every job writes each one; a value that does not apply is null."""
+
+    JOB = "job"  # pretrain | finetune | evaluate
+    STATUS = "status"  # a RunState
+    STARTED_AT = "started_at"
+    FINISHED_AT = "finished_at"
+    UPDATED_AT = "updated_at"
+    # progress, updated as the run goes
+    STEP = "step"  # optimizer steps done (evaluate: answers written)
+    MAX_STEPS = "max_steps"
+    LOSS = "loss"  # the last logged training loss
+    VAL_LOSS = "val_loss"  # the last validation loss
+    TOKENS_PER_S = "tokens_per_s"  # training tokens a second, last log window (DPO: null)
+    ETA_S = "eta_s"
+    # time and money: wall time actually spent running, summed over every resume
+    ELAPSED_S = "elapsed_s"
+    COST_PER_HOUR_USD = "cost_per_hour_usd"  # $COST_PER_HOUR_ENV during the latest session
+    COST_USD = "cost_usd"  # each session's elapsed time x its hourly price, summed
+    # what a comparison of runs needs
+    TRAIN_EXAMPLES = "train_examples"  # examples (or DPO pairs) trained on; pretrain: null
+    TRAIN_TOKENS = "train_tokens"  # tokens in the training data; DPO: null
+    BEST_VAL_LOSS = "best_val_loss"  # the lowest validation loss of the run
+    FINAL_VAL_LOSS = "final_val_loss"  # the validation loss at the last step
+    KEPT_STEP = "kept_step"  # the step whose weights are in model/ (--keep last|best)
 
 
 RUN_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"

@@ -61,7 +61,9 @@ def steps(scale: float = 1.0) -> list[Step]:
                 *("--model", pretrain, "--dataset", str(DATA / "instructions.jsonl")),
                 *("--max-steps", n(300), "--batch-size", "8", "--lr", "1e-3"),
                 *("--warmup-steps", n(20), "--logging-steps", n(25), "--eval-steps", n(100)),
-                *("--save-steps", n(100)),
+                # serve the best model by validation loss: on 272 instructions it overfits
+                # before step 300, and the last step's weights are not the best
+                *("--save-steps", n(100), "--keep", "best"),
             ),
         ),
         Step(

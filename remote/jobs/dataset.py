@@ -370,14 +370,16 @@ def load_splits(
     text_column: str | None = None,
     kind: str | None = None,
     val_size: int | None = None,
+    val_fraction: float | None = None,
     seed: int = 0,
 ) -> tuple[Rows, Rows]:
     """(train, validation). The dataset's own validation/test split when it has one; otherwise
-    ``val_size`` rows (default: 5% of the rows, at most 100) held out from the training rows."""
-    return _load(dataset, "train", limit, columns, text_column, kind, val_size, seed)
+    ``val_size`` rows (default: 5% of the rows, at most 100) held out from the training rows.
+    ``val_fraction`` sizes it as a share of the rows instead (the course's 90/10: 0.1)."""
+    return _load(dataset, "train", limit, columns, text_column, kind, val_size, seed, val_fraction)
 
 
-def _load(dataset, split, limit, columns, text_column, kind, val_size, seed):
+def _load(dataset, split, limit, columns, text_column, kind, val_size, seed, val_fraction=None):
     source, preset = resolve_source(dataset)
     mapping = parse_columns(columns)
     if text_column:
@@ -398,6 +400,8 @@ def _load(dataset, split, limit, columns, text_column, kind, val_size, seed):
     rows = _project(table, used)
     if not rows:
         raise DatasetError(f"dataset {dataset!r} split {split!r} has no rows")
+    if val_fraction and val_size is None:
+        val_size = max(1, round(len(rows) * val_fraction))
     val_name = next((s for s in VALIDATION_SPLITS if s in splits and s != split), None)
     if val_size == 0:
         val_rows: list[dict[str, str]] = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,12 +37,16 @@ class Guard:
     """Runs a job's body and turns the way it ended into an exit code and a run status."""
 
     def __init__(self, d: dist.Dist | None = None):
+        self.started = time.monotonic()  # the session's time counts from here (run.json)
         self.d = d or dist.Dist()
         self.run: rundir.RunDir | None = None
 
     def track(self, run: rundir.RunDir | None) -> rundir.RunDir | None:
-        """Remember the run dir as soon as it exists, so any later ending is recorded in it."""
+        """Remember the run dir as soon as it exists, so any later ending is recorded in it,
+        and its elapsed time counts from the start of this job, not of the run dir."""
         self.run = run
+        if run is not None:
+            run.count_from(self.started)
         return run
 
     def main(self, body: Callable[[], int]) -> int:

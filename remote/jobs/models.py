@@ -41,6 +41,21 @@ def load_hint(source: str, exc: BaseException, what: str = "model") -> str:
     )
 
 
+def check_source(source: str, what: str = "model") -> None:
+    """Fail at once on a local path that is not there, instead of asking the Hub for it.
+
+    A hub id is ``name`` or ``owner/name``; anything that starts like a path (``.``, ``/``,
+    ``~``) or has more than one ``/`` (``runs/<run>/model``) can only be a directory here.
+    """
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not path.exists():
+        raise JobError(
+            f"could not load {what} {source!r}: there is no such directory. Give a "
+            "save_pretrained directory (e.g. runs/<run>/model) or a hub id such as gpt2"
+        )
+
+
 def load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from facts import FinishReason, RunState
-from remote.jobs import evaluate
+from remote.jobs import eval_report, evaluate
 from remote.jobs.dataset import load_splits
 from remote.jobs.generation import Answer, Settings, token_loss
 from remote.jobs.prompts import format_example
@@ -52,10 +52,10 @@ def rows_of(table: str) -> list[list[str]]:
 
 
 def test_md_cell_keeps_a_cell_a_cell():
-    cell = evaluate.md_cell("a | b\nc\r\n<script>x</script>")
+    cell = eval_report.md_cell("a | b\nc\r\n<script>x</script>")
     assert "\n" not in cell and "<script>" not in cell
     assert cell == "a \\| b<br>c<br>&lt;script&gt;x&lt;/script&gt;"
-    assert evaluate.md_cell("  ") == "*(empty)*"
+    assert eval_report.md_cell("  ") == "*(empty)*"
 
 
 def test_report_has_a_column_per_model_and_escapes_cells():
@@ -72,7 +72,16 @@ def test_report_has_a_column_per_model_and_escapes_cells():
     }
     summary = {k: evaluate.summarize(v, None) for k, v in answers.items()}
     models = {"base": "gpt2", "fine-tuned": "runs/a/model"}
-    md = evaluate.render_report("r", models, prompts, answers, summary, Settings(), False)
+    report = eval_report.Report(
+        name="r",
+        models=models,
+        rows=[p.row(raw=False) for p in prompts],
+        answers=answers,
+        summary=summary,
+        generation=Settings().describe(),
+        raw=False,
+    )
+    md = eval_report.render_report(report)
     table = rows_of(md.split("## Answers", 1)[1])
     assert table[0] == ["#", "prompt", "base", "fine-tuned"]
     assert len(table) == 2 + len(prompts)  # header, alignment, one row per prompt
