@@ -45,6 +45,7 @@ host = TrainingHost(
         open_to_the_world=settings.open_to_the_world,
         api_port=settings.api_port,
         idle_stop_minutes=settings.idle_stop_minutes,
+        max_run_hours=settings.max_run_hours,
         ssh_public_key=settings.ssh_public_key,
         tags={"project": pulumi.get_project(), "stack": pulumi.get_stack()},
     ),

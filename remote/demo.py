@@ -101,7 +101,9 @@ def run_step(runner: Runner, step: Step, index: int, total: int) -> None:
         print("  already running: following it")
     else:
         resume = bool(info and info.get("status"))
-        pid = start_job(runner, step.job, step.name, list(step.flags), resume=resume)
+        pid = start_job(
+            runner, step.job, step.name, list(step.flags), resume=resume, cost_per_hour=0.0
+        )
         print(f"  {'resumed' if resume else 'started'} {step.job} (pid {pid})", flush=True)
     follow(runner, step.name)
     info = find_run(runner, step.name) or {}

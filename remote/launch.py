@@ -19,11 +19,14 @@ from invoke import Exit
 
 from facts import (
     CONSOLE_LOG,
+    COST_PER_HOUR_ENV,
     PID_FILE,
     RUN_NAME_RULE,
     RUNS_DIR_NAME,
     RUNS_ENV,
     TRAIN_LOG,
+    VM_BOOT_LOG,
+    VM_SETTINGS,
     is_run_name,
 )
 from remote import paths
@@ -40,7 +43,14 @@ ALIVE_SH = (
 def probe(runner: Runner) -> dict[str, Any]:
     """{"runs": [...], "host": {...}} as ``remote/probe.py`` reports it on the target."""
     py = "python3" if not runner.local else sys.executable
-    r = runner.sh(f"{q(py)} -c {q(probe_script())} {q(runner.path(RUNS_DIR_NAME))}")
+    where = [
+        runner.path(RUNS_DIR_NAME),
+        paths.env("VM_SETTINGS") or VM_SETTINGS,  # the tests' stand-in VM moves these two
+        paths.env("BOOT_LOG") or VM_BOOT_LOG,
+    ]
+    # Absolute paths and no `cd`: a host with no work directory yet (before `fab setup`) has
+    # no runs, which is an answer, not an error.
+    r = runner.run(f"{q(py)} -c {q(probe_script())} {shlex.join(where)}")
     return json.loads(r.stdout)
 
 
@@ -92,9 +102,17 @@ def job_command(
 
 
 def start_job(
-    runner: Runner, job: str, name: str, args: list[str], *, resume: bool = False, nproc: int = 0
+    runner: Runner,
+    job: str,
+    name: str,
+    args: list[str],
+    *,
+    resume: bool = False,
+    nproc: int = 0,
+    cost_per_hour: float | None = None,
 ) -> int:
-    """Launch detached and return its pid; refuse while another process owns the run."""
+    """Launch detached and return its pid; refuse while another process owns the run.
+    ``cost_per_hour`` (USD) reaches the job as TINYCLOUD_COST_PER_HOUR, for its run.json."""
     job_command("python", job, name, args, resume=resume, nproc=nproc)  # bad input: stop now
     check_name(name)
     resume = resume or "--resume" in args
@@ -103,6 +121,8 @@ def start_job(
     argv = job_command(runner.python(), job, name, args, resume=resume, nproc=nproc)
     run_dir = f"{RUNS_DIR_NAME}/{name}"
     env = f"{RUNS_ENV}={q(runner.path(RUNS_DIR_NAME))} PYTHONUNBUFFERED=1"
+    if cost_per_hour is not None:
+        env += f" {COST_PER_HOUR_ENV}={float(cost_per_hour)!r}"
     script = (
         f"mkdir -p {q(run_dir)} || exit 1; {env} setsid nohup {shlex.join(argv)} "
         f"</dev/null >>{q(run_dir + '/' + CONSOLE_LOG)} 2>&1 & "

@@ -40,6 +40,16 @@ def instance_state(region: str, instance_id: str) -> str:
         return _describe(ec2(region), instance_id)["State"]["Name"]
 
 
+def launch_time(region: str, instance_id: str) -> float | None:
+    """When a running instance last started (epoch seconds; EC2's ``LaunchTime`` is reset by
+    every start); None when it is not running."""
+    with _aws_errors(instance_id):
+        found = _describe(ec2(region), instance_id)
+    if found["State"]["Name"] != "running" or "LaunchTime" not in found:
+        return None
+    return found["LaunchTime"].timestamp()
+
+
 def start(region: str, instance_id: str, progress: Progress = print) -> str:
     """Start the instance and wait until it runs and passes its status checks; its DNS name."""
     client = ec2(region)

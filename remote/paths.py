@@ -21,6 +21,8 @@ one variable:
 | TINYCLOUD_LOCAL_RUNS    | ./runs                   | where `fab fetch` puts runs           |
 | TINYCLOUD_RENDERED      | ./rendered               | where prompt.sh and chat.html go      |
 | TINYCLOUD_CURRENT_IP    | (checkip.amazonaws.com)  | this machine's public IP              |
+| TINYCLOUD_VM_SETTINGS   | /etc/tinycloud/idle.env  | the VM's settings (the run-time cap)  |
+| TINYCLOUD_BOOT_LOG      | /var/lib/tinycloud/boots.log | the VM's boot log (its time) |
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ def args(**overrides) -> TrainingHostArgs:
         ({"volume_size_gb": -1}, "at least 8"),
         ({"api_port": 22}, "not a usable TCP port"),
         ({"idle_stop_minutes": -5}, "0 \\(never\\)"),
+        ({"max_run_hours": -1}, "0 \\(no cap\\)"),
         ({"instance_type": "large"}, "not like 'm5.large'"),
     ],
 )

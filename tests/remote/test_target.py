@@ -170,6 +170,8 @@ def test_fab_list_shows_every_task_and_loads_no_heavy_library():
         "ssh",
         "start",
         "stop",
+        "doctor",
+        "notebook",
     ):
         assert f"\n  {name} " in done.stdout
     assert "LOADED []" in done.stdout

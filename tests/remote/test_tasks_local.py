@@ -47,6 +47,9 @@ def test_local_train_cancel_resume_follow_fetch(fab, local):
     assert started.code == 0, started.text
     work = Path(local["TINYCLOUD_HOME"]) / "local" / "work"
     assert str(work / "runs" / "loc") in started.out
+    pid = int((work / "runs" / "loc" / ".pid").read_text())
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert b"TINYCLOUD_COST_PER_HOUR=0.0" in environ, "a local job is told it costs nothing"
 
     deadline = time.monotonic() + 240
     while (_meta(local).get("step") or 0) < 3:

@@ -189,6 +189,9 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert _alive(pid), "fab returned but the job is gone: it was not detached"
     assert Path(f"/proc/{pid}").stat().st_uid == sshd.uid, "the job runs as the login user"
     assert os.getsid(pid) == pid, "the job must lead its own session (setsid)"
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    rate = _outputs(vm)["cost_per_hour"]["running_usd"]
+    assert f"TINYCLOUD_COST_PER_HOUR={rate}".encode() in environ, "the stack's price, for run.json"
 
     twice = fab(vm, "train", "pretrain", "--name", RUN, "--args", JOB_FLAGS)
     assert twice.code == 1 and "is still" in twice.err, twice.text
@@ -242,7 +245,8 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert f"resumed {RUN} at step" in log
     final = fab(vm, "status")
     assert " completed " in next(x for x in final.out.splitlines() if x.startswith(RUN))
-    assert final.out.splitlines()[-1].startswith("host: ")
+    assert any(line.startswith("host: ") for line in final.out.splitlines())
+    assert "vm: up " in final.out  # the stand-in stack has prices, the VM an uptime
 
 
 @pytest.mark.slow
