@@ -103,7 +103,7 @@ class Encoder:
         n, enc = self.count(text, add_special_tokens)
         if n > cap:
             raise ValidationError(too_long_to_list(str(n), cap))
-        if isinstance(enc, dict):
+        if self.rust is None:  # a slow tokenizer: transformers' BatchEncoding
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
         else:
             ids, offsets = enc.ids, enc.offsets
