@@ -62,6 +62,19 @@ def read_pid(path: Path) -> int | None:
         return None
 
 
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def model_complete(model_dir: Path) -> bool:
+    """A whole save_pretrained directory: config, weights and tokenizer. The jobs write model/
+    atomically (rundir.atomic_dir), so one that has all three is not half-written."""
+    return (
+        (model_dir / "config.json").is_file()
+        and any((model_dir / name).is_file() for name in WEIGHTS)
+        and (model_dir / "tokenizer_config.json").is_file()
+    )
+
+
 def run_info(run_dir: Path) -> dict:
     try:
         meta = json.loads((run_dir / RUN_JSON).read_text())
@@ -88,7 +101,8 @@ def run_info(run_dir: Path) -> dict:
         "state": state,
         "alive": alive,
         "pid": launcher if pid_alive(launcher) else meta.get("pid"),
-        "has_model": (run_dir / MODEL_DIR / "config.json").is_file(),
+        # only a finished run's model is served: not a failed run's leftover config files
+        "has_model": status == RunState.COMPLETED and model_complete(run_dir / MODEL_DIR),
         "has_manifest": (run_dir / MANIFEST).is_file(),
     }
 

@@ -3,13 +3,18 @@
 Requests arrive from the event loop (``Engine.submit``) as validated ``GenerationSpec``s and wait
 in a bounded queue; the scheduler admits them into free KV-cache slots between decode steps
 (continuous batching), runs one batched step for all of them, picks each sequence's next token
-with its own sampling settings, and posts the token back to the request's asyncio queue. A
-sequence ends on ``max_new_tokens`` (``length``), on EOS (``eos_token``) or when a stop sequence
-appears in its text (``stop_sequence``, matched on text, so across token boundaries), checked
-in that order as TGI does; a cancelled request (client gone) is dropped at the next step and
-its slot reused.
+with its own sampling settings (and its own grammar, if it has one), and posts the token back to
+the request's asyncio queue. A sequence ends on ``max_new_tokens`` (``length``), on EOS
+(``eos_token``) or when a stop sequence appears in its text (``stop_sequence``, matched on text,
+so across token boundaries), checked in that order as TGI does; a cancelled request (client
+gone) is dropped at the next step and its slot reused.
 
-Everything torch happens on the scheduler thread; the event loop only tokenizes and waits.
+A failure inside one sequence — its prefill, its sampling, its grammar, its detokenizing — ends
+that sequence alone: its client gets TGI's generation error and the batch decodes on. Only a
+failure of the batched model step itself fails every sequence in it; the scheduler then carries
+on with the next requests.
+
+Everything torch happens on the scheduler thread; the event loop only waits.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +43,7 @@ class Overloaded(RuntimeError):
 
 
 class GenerationFailed(RuntimeError):
-    """The model raised while generating; the request gets a 500 in TGI's error shape."""
+    """The model (or the sampler) failed on this request: TGI's 424 ``generation`` error."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class TokenOut:
     text: str
     logprob: float
     special: bool
+    top: tuple[TokenOut, ...] = ()  # the likeliest alternatives, when top_n_tokens was asked
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,13 @@ class Finished:
     input_length: int
     tokens: list[TokenOut] = field(default_factory=list)
     prefill: list[tuple[int, str, float | None]] = field(default_factory=list)
+    queued: float = 0.0  # time.perf_counter() when it was queued, and when its prefill began
+    started: float = 0.0
+
+    @property
+    def mean_logprob(self) -> float:
+        """What ``best_of`` ranks sequences by (TGI: the mean of the tokens' log-probabilities)."""
+        return sum(t.logprob for t in self.tokens) / max(len(self.tokens), 1)
 
 
 class _Detokenizer:
@@ -91,7 +106,7 @@ class Stream:
         while True:
             token, end = await queue.get()
             if isinstance(end, BaseException):
-                raise GenerationFailed(str(end)) from end
+                raise GenerationFailed(str(end) or type(end).__name__) from end
             yield token, end
             if end is not None:
                 return
@@ -100,7 +115,7 @@ class Stream:
         async for _, end in self.events():
             if end is not None:
                 return end
-        raise GenerationFailed("generation ended without a result")
+        raise GenerationFailed("generation ended without a result")  # pragma: no cover
 
     def cancel(self) -> None:
         self._seq.cancelled = True  # the scheduler drops it before its next step
@@ -111,7 +126,13 @@ class Stream:
 
 
 class _Sequence:
-    def __init__(self, spec: GenerationSpec, engine: Engine, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        spec: GenerationSpec,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        constraint: Any,
+    ):
         import torch
 
         self.spec = spec
@@ -128,7 +149,12 @@ class _Sequence:
         self.prefill: list[tuple[int, str, float | None]] = []
         self.text = ""
         self.detok = _Detokenizer(engine.loaded.tokenizer, spec.input_ids)
-        self.generator = torch.Generator().manual_seed(spec.seed)
+        device = engine.loaded.runner.device  # multinomial wants its generator beside the logits
+        self.generator = torch.Generator(device=device).manual_seed(spec.seed)
+        self.constraint = constraint  # grammar.Constraint or None
+        self.queued = time.perf_counter()
+        self.started = 0.0
+        self.failed = False  # its slot's cache may hold garbage (NaN): cleared when it leaves
 
     def post(self, token: TokenOut | None, end: Finished | BaseException | None) -> None:
         try:
@@ -161,6 +187,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="serving-scheduler", daemon=True)
         self.steps = 0  # decode steps run (a test and /metrics read it)
         self.step_hook: Callable[[], None] | None = None  # called before each model step
+        self.sample_hook: Callable[[_Sequence], None] | None = None  # before each token choice
 
     # -- event loop side ---------------------------------------------------------------------
 
@@ -175,17 +202,22 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, spec: GenerationSpec) -> Stream:
-        seq = _Sequence(spec, self, asyncio.get_running_loop())
+    def submit(
+        self, specs: list[GenerationSpec], constraints: list[Any] | None = None
+    ) -> list[Stream]:
+        """Queue ``specs`` together: all get a place, or none does (429)."""
+        loop = asyncio.get_running_loop()
+        constraints = constraints or [None] * len(specs)
+        seqs = [_Sequence(s, self, loop, c) for s, c in zip(specs, constraints, strict=True)]
         with self._cond:
             if self._stopping or not self._thread.is_alive():
                 raise GenerationFailed("the generation engine is not running")
-            if self._in_flight >= self.capacity:
+            if self._in_flight + len(seqs) > self.capacity:
                 raise Overloaded("Model is overloaded")
-            self._in_flight += 1
-            self._waiting.append(seq)
+            self._in_flight += len(seqs)
+            self._waiting.extend(seqs)
             self._cond.notify()
-        return Stream(seq)
+        return [Stream(seq) for seq in seqs]
 
     @property
     def queue_size(self) -> int:
@@ -199,6 +231,10 @@ class Engine:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
     # -- scheduler thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -207,15 +243,41 @@ class Engine:
             if admit is None:
                 return
             try:
-                for seq in admit:
-                    self._prefill(seq)
-                self._drop_finished()
-                if self._active:
-                    self._decode()
-                    self._drop_finished()
-            except Exception as e:
-                log.exception("generation failed; failing the %d active requests", len(admit))
+                self._round(admit)
+            except Exception as e:  # a bug between sequences: end this batch, keep serving
+                log.exception("scheduler step failed; failing its %d sequences", len(admit))
                 self._fail_all(admit, e)
+
+    def _round(self, admit: list[_Sequence]) -> None:
+        for seq in admit:
+            self._isolated(seq, self._prefill, seq)
+        self._drop_finished()
+        if not self._active:
+            return
+        try:
+            logits = self._decode()
+        except Exception as e:  # the batched model step: every sequence in it shares the fate
+            log.exception("decode step failed; failing the %d active requests", len(self._active))
+            self._fail_all([], e)
+            return
+        for i, seq in enumerate(self._active):
+            seq.pos += 1
+            if not seq.cancelled:
+                self._isolated(seq, self._accept, seq, logits[i])
+        self._drop_finished()
+
+    def _isolated(self, seq: _Sequence, fn: Callable[..., None], *args: Any) -> None:
+        """Run one sequence's part of a step; if it fails, only that sequence ends."""
+        try:
+            fn(*args)
+        except Exception as e:
+            log.exception(
+                "a sequence failed after %d tokens; the batch goes on", len(seq.generated)
+            )
+            seq.done = seq.failed = True
+            seq.post(None, e)
+            if seq not in self._active:  # it never took a slot
+                self._release([seq])
 
     def _next_admissions(self) -> list[_Sequence] | None:
         with self._cond:
@@ -238,6 +300,7 @@ class Engine:
     def _prefill(self, seq: _Sequence) -> None:
         if self.step_hook:
             self.step_hook()
+        seq.started = time.perf_counter()
         runner = self.loaded.runner
         ids = seq.spec.input_ids
         seq.slot = len(self._active)
@@ -248,7 +311,7 @@ class Engine:
             seq.prefill = self._prefill_tokens(ids, logits)
         self._accept(seq, logits[-1])
 
-    def _decode(self) -> None:
+    def _decode(self) -> Any:
         import torch
 
         if self.step_hook:
@@ -259,20 +322,34 @@ class Engine:
         positions = torch.tensor([s.pos for s in active], device=device)
         logits = self.loaded.runner.decode(tokens, positions)
         self.steps += 1
-        for i, seq in enumerate(active):
-            seq.pos += 1
-            if not seq.cancelled:
-                self._accept(seq, logits[i])
+        return logits
 
     def _accept(self, seq: _Sequence, logits: Any) -> None:
+        if self.sample_hook:
+            self.sample_hook(seq)
         spec = seq.spec
         # the prompt + output list is only built when a penalty needs it (a copy per token)
-        context = spec.input_ids + seq.generated if spec.sampling.penalized else []
-        token, logprob = choose(logits, spec.sampling, seq.generator, context, seq.generated)
+        context = spec.input_ids + seq.generated if spec.sampling.penalized else spec.input_ids
+        allowed = seq.constraint.allowed(logits.shape[-1]) if seq.constraint else None
+        choice = choose(
+            logits,
+            spec.sampling,
+            seq.generator,
+            context,
+            seq.generated,
+            allowed=allowed,
+            top_n=spec.top_n_tokens,
+        )
+        token = choice.token
+        if not math.isfinite(choice.logprob):  # NaN or inf anywhere in the row ends up here
+            raise RuntimeError("the model produced non-finite logits for this sequence")
+        if seq.constraint:
+            seq.constraint.advance(token)
         seq.generated.append(token)
         special = token in self._special
         text = seq.detok.push(token)
-        out = TokenOut(token, text, logprob, special)
+        top = tuple(self._alternative(i, lp) for i, lp in choice.top)
+        out = TokenOut(token, text, choice.logprob, special, top)
         seq.tokens.append(out)  # for details=true; a few dozen bytes a token
         reason = None
         if len(seq.generated) >= spec.max_new_tokens:
@@ -291,6 +368,11 @@ class Engine:
         seq.done = True
         seq.post(out, self._finished(seq, reason))
 
+    def _alternative(self, token: int, logprob: float) -> TokenOut:
+        """One of the top-n tokens, decoded on its own as TGI does."""
+        text = self.loaded.tokenizer.decode([token], skip_special_tokens=False)
+        return TokenOut(token, text, logprob, token in self._special)
+
     def _finished(self, seq: _Sequence, reason: str) -> Finished:
         text = self.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
         return Finished(
@@ -301,6 +383,8 @@ class Engine:
             input_length=len(seq.spec.input_ids),
             tokens=seq.tokens,
             prefill=seq.prefill,
+            queued=seq.queued,
+            started=seq.started,
         )
 
     def _prefill_tokens(self, ids: list[int], logits: Any) -> list[tuple[int, str, float | None]]:
@@ -318,6 +402,9 @@ class Engine:
         survivors = [s for s in self._active if not (s.done or s.cancelled)]
         if len(survivors) == len(self._active):
             return
+        for seq in self._active:
+            if seq.failed:  # before any survivor moves in: masked NaN still poisons attention
+                self.loaded.runner.clear(seq.slot)
         for new_slot, seq in enumerate(survivors):
             if seq.slot != new_slot:
                 self.loaded.runner.move(seq.slot, new_slot, seq.pos)
@@ -335,7 +422,10 @@ class Engine:
     def _fail_all(self, admitted: list[_Sequence], error: Exception) -> None:
         victims = list({id(s): s for s in [*self._active, *admitted]}.values())
         for seq in victims:
+            if seq.slot >= 0:
+                self.loaded.runner.clear(seq.slot)
             if not seq.done:
+                seq.done = seq.failed = True
                 seq.post(None, error)
         self._release(victims)
         self._active = []

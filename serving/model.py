@@ -250,6 +250,12 @@ class GPT2Runner:
                 x = self._finish_block(blk, x, a.reshape(b, -1))
             return self.lm_head(self.ln_f(x)).float()
 
+    def clear(self, slot: int) -> None:
+        """Zero a slot whose sequence failed: a NaN left behind would reach the next sequence
+        there through masked attention (0 * NaN is NaN)."""
+        self.k[:, slot].zero_()
+        self.v[:, slot].zero_()
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache from one slot to another (to keep live slots packed)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]

@@ -16,6 +16,7 @@ from typing import Any
 
 from remote.jobs.errors import JobError
 from remote.jobs.prompts import save_tokenizer_with_chat_format
+from remote.jobs.rundir import atomic_dir
 
 
 def pick_device(flag: str, local_rank: int = 0) -> str:
@@ -187,6 +188,6 @@ def save_model(model: Any, tok: Any, model_dir: Path) -> None:
     if model.generation_config is not None:
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    save_tokenizer_with_chat_format(tok, model_dir)
+    with atomic_dir(model_dir) as tmp:  # a server never finds half a model
+        model.save_pretrained(tmp)
+        save_tokenizer_with_chat_format(tok, tmp)

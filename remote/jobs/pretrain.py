@@ -595,8 +595,9 @@ class Pretraining:
             bos_token_id=eos, eos_token_id=eos, pad_token_id=eos
         )
         self.tok.model_max_length = self.raw.config.n_positions
-        self.raw.save_pretrained(self.run.model_dir)
-        self.tok.save_pretrained(self.run.model_dir)
+        with rundir.atomic_dir(self.run.model_dir) as tmp:  # a server never finds half a model
+            self.raw.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
         self.run.plot_loss()
         self.run.finish(
             RunState.COMPLETED,

@@ -66,7 +66,7 @@ def launch_kwargs(model_dir, port, **over):
     return {**kw, **over}
 
 
-# --- the server's command line ---------------------------------------------------------------
+# --- the server's command line --------------------------------------------------------------------
 
 
 def test_cli_refuses_a_missing_model_clearly(tmp_path):
@@ -82,7 +82,7 @@ def test_cli_refuses_a_missing_model_clearly(tmp_path):
     assert r.stderr.startswith("error: could not load the model") and "Traceback" not in r.stderr
 
 
-# --- prompt.sh -----------------------------------------------------------------------------------
+# --- prompt.sh ------------------------------------------------------------------------------------
 
 
 def run_prompt(script, *args, env=None, cwd=None):
@@ -116,8 +116,8 @@ def test_prompt_sh_sends_the_prompt_intact(cli_server, tmp_path, tiny_model_dir)
     r = run_prompt(script, HOSTILE, "300", cwd=tmp_path)
     assert r.returncode == 1
     assert (
-        f"HTTP 422: `inputs` tokens + `max_new_tokens` must be <= 256. Given: {n} `inputs`"
-        in r.stderr
+        "HTTP 422: Input validation error: `inputs` tokens + `max_new_tokens` must be <= 256. "
+        f"Given: {n} `inputs`" in r.stderr
     )
 
 
@@ -139,7 +139,7 @@ def test_prompt_sh_errors_are_clear(cli_server, tmp_path):
     assert r.returncode == 1 and "could not reach" in r.stderr
 
 
-# --- launch_gpt2.sh ------------------------------------------------------------------------------
+# --- launch_gpt2.sh -------------------------------------------------------------------------------
 
 FAKE_DOCKER = """#!/usr/bin/env bash
 # Records each call as a JSON line, and the --env-file contents if any; plays a healthy daemon.
