@@ -66,6 +66,7 @@ BEST_WEIGHTS = "best.pt"  # pretrain --keep best: the weights of the best evalua
 TRAINER_CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N dirs (finetune, dpo)
 LOSS_PLOT = "loss.png"
 MODEL_DIR = "model"  # a save_pretrained directory TGI and the native server both load
+ADAPTER_DIR = "adapter"  # in a LoRA run's model/: its adapter alone (peft's files), for serving
 MANIFEST = "manifest.sha256"  # sha256sum-format digests of the deliverables
 PID_FILE = ".pid"  # the detached launcher's pid, written by `fab train` beside run.json
 PROMPT_FORMAT_FILE = "prompt_format.json"  # in model/: the instruction format, as data

@@ -9,10 +9,17 @@ the request's asyncio queue. A sequence ends on ``max_new_tokens`` (``length``),
 so across token boundaries), checked in that order as TGI does; a cancelled request (client
 gone) is dropped at the next step and its slot reused.
 
+Several models: each request names the one it runs on (a ``LoadedModel``; ``submit``'s
+``model``). Sequences on one model's weights — the model itself and every LoRA adapter over it —
+share that model's KV-cache slots and decode in one batched step (each adapter adds its own
+low-rank term to its own rows); models with weights of their own decode in a step each, one
+after the other in the same round. ``max_batch_size`` bounds the sequences decoding across all
+of them, and every model has that many slots, so any mix fits.
+
 A failure inside one sequence — its prefill, its sampling, its grammar, its detokenizing — ends
 that sequence alone: its client gets TGI's generation error and the batch decodes on. Only a
-failure of the batched model step itself fails every sequence in it; the scheduler then carries
-on with the next requests.
+failure of a batched model step itself fails every sequence in it (that model's, not the other
+models'); the scheduler then carries on with the next requests.
 
 Everything torch happens on the scheduler thread; the event loop only waits.
 """
@@ -25,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,13 +136,16 @@ class _Sequence:
     def __init__(
         self,
         spec: GenerationSpec,
-        engine: Engine,
+        model: LoadedModel,
         loop: asyncio.AbstractEventLoop,
         constraint: Any,
+        special: frozenset[int],
     ):
         import torch
 
         self.spec = spec
+        self.model = model
+        self.special = special  # the model's special token ids
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
@@ -148,8 +158,8 @@ class _Sequence:
         self.tokens: list[TokenOut] = []
         self.prefill: list[tuple[int, str, float | None]] = []
         self.text = ""
-        self.detok = _Detokenizer(engine.loaded.tokenizer, spec.input_ids)
-        device = engine.loaded.runner.device  # multinomial wants its generator beside the logits
+        self.detok = _Detokenizer(model.tokenizer, spec.input_ids)
+        device = model.runner.device  # multinomial wants its generator beside the logits
         self.generator = torch.Generator(device=device).manual_seed(spec.seed)
         self.constraint = constraint  # grammar.Constraint or None
         self.queued = time.perf_counter()
@@ -163,27 +173,42 @@ class _Sequence:
             self.cancelled = True
 
 
+class _Group:
+    """The sequences decoding on one model's weights (the model's own and its adapters'),
+    packed into that runner's slots ``0..len(active)-1``."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.active: list[_Sequence] = []
+
+
 class Engine:
-    """Owns the model and the scheduler thread. ``submit`` from the event loop thread only."""
+    """Owns the models and the scheduler thread. ``submit`` from the event loop thread only.
+    ``models``: one ``LoadedModel`` or several (the first is the default)."""
 
     def __init__(
         self,
-        loaded: LoadedModel,
+        models: LoadedModel | Sequence[LoadedModel],
         *,
         max_batch_size: int = C.MAX_BATCH_SIZE,
         max_queued: int = C.MAX_QUEUED,
     ) -> None:
-        if max_batch_size > loaded.runner.slots:
-            raise ValueError(f"max_batch_size {max_batch_size} > {loaded.runner.slots} slots")
-        self.loaded = loaded
+        models = [models] if isinstance(models, LoadedModel) else list(models)
+        for m in models:
+            if max_batch_size > m.runner.slots:
+                raise ValueError(f"max_batch_size {max_batch_size} > {m.runner.slots} slots")
+        self.loaded = models[0]
+        self.models = models
         self.max_batch_size = max_batch_size
         self.capacity = max_batch_size + max_queued
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._active: list[_Sequence] = []
+        self._groups: dict[int, _Group] = {}
+        for m in models:
+            self._groups.setdefault(id(m.runner), _Group(m.runner))
         self._in_flight = 0
         self._stopping = False
-        self._special = frozenset(loaded.tokenizer.all_special_ids)
+        self._special = {id(m): frozenset(m.tokenizer.all_special_ids) for m in models}
         self._thread = threading.Thread(target=self._run, name="serving-scheduler", daemon=True)
         self.steps = 0  # decode steps run (a test and /metrics read it)
         self.step_hook: Callable[[], None] | None = None  # called before each model step
@@ -203,12 +228,20 @@ class Engine:
             self._thread.join(timeout)
 
     def submit(
-        self, specs: list[GenerationSpec], constraints: list[Any] | None = None
+        self,
+        specs: list[GenerationSpec],
+        constraints: list[Any] | None = None,
+        model: LoadedModel | None = None,
     ) -> list[Stream]:
-        """Queue ``specs`` together: all get a place, or none does (429)."""
+        """Queue ``specs`` on ``model`` (the default one if None) together: all get a place,
+        or none does (429)."""
         loop = asyncio.get_running_loop()
+        model = model or self.loaded
+        special = self._special.get(id(model)) or frozenset(model.tokenizer.all_special_ids)
         constraints = constraints or [None] * len(specs)
-        seqs = [_Sequence(s, self, loop, c) for s, c in zip(specs, constraints, strict=True)]
+        seqs = [
+            _Sequence(s, model, loop, c, special) for s, c in zip(specs, constraints, strict=True)
+        ]
         with self._cond:
             if self._stopping or not self._thread.is_alive():
                 raise GenerationFailed("the generation engine is not running")
@@ -225,7 +258,12 @@ class Engine:
 
     @property
     def batch_size(self) -> int:
-        return len(self._active)
+        return sum(len(g.active) for g in self._groups.values())
+
+    @property
+    def _active(self) -> list[_Sequence]:
+        """Every sequence decoding, whichever model it is on."""
+        return [s for g in self._groups.values() for s in g.active]
 
     @property
     def in_flight(self) -> int:
@@ -252,18 +290,19 @@ class Engine:
         for seq in admit:
             self._isolated(seq, self._prefill, seq)
         self._drop_finished()
-        if not self._active:
-            return
-        try:
-            logits = self._decode()
-        except Exception as e:  # the batched model step: every sequence in it shares the fate
-            log.exception("decode step failed; failing the %d active requests", len(self._active))
-            self._fail_all([], e)
-            return
-        for i, seq in enumerate(self._active):
-            seq.pos += 1
-            if not seq.cancelled:
-                self._isolated(seq, self._accept, seq, logits[i])
+        for group in self._groups.values():
+            if not group.active:
+                continue
+            try:
+                logits = self._decode(group)
+            except Exception as e:  # the batched model step: its sequences share the fate
+                log.exception("decode step failed; failing its %d requests", len(group.active))
+                self._fail(group.active, e)
+                continue
+            for i, seq in enumerate(group.active):
+                seq.pos += 1
+                if not seq.cancelled:
+                    self._isolated(seq, self._accept, seq, logits[i])
         self._drop_finished()
 
     def _isolated(self, seq: _Sequence, fn: Callable[..., None], *args: Any) -> None:
@@ -276,17 +315,17 @@ class Engine:
             )
             seq.done = seq.failed = True
             seq.post(None, e)
-            if seq not in self._active:  # it never took a slot
+            if seq.slot < 0:  # it never took a slot
                 self._release([seq])
 
     def _next_admissions(self) -> list[_Sequence] | None:
         with self._cond:
-            while not self._stopping and not self._waiting and not self._active:
+            while not self._stopping and not self._waiting and not self.batch_size:
                 self._cond.wait()
             if self._stopping:
                 return None
             admit: list[_Sequence] = []
-            free = self.max_batch_size - len(self._active)
+            free = self.max_batch_size - self.batch_size
             while free > 0 and self._waiting:
                 seq = self._waiting.popleft()
                 if seq.cancelled:
@@ -301,26 +340,29 @@ class Engine:
         if self.step_hook:
             self.step_hook()
         seq.started = time.perf_counter()
-        runner = self.loaded.runner
+        model = seq.model
+        group = self._groups[id(model.runner)]
         ids = seq.spec.input_ids
-        seq.slot = len(self._active)
-        self._active.append(seq)
-        logits = runner.prefill(seq.slot, ids, all_logits=seq.spec.prefill_details)
+        seq.slot = len(group.active)
+        group.active.append(seq)
+        logits = model.runner.prefill(
+            seq.slot, ids, all_logits=seq.spec.prefill_details, adapter=model.adapter
+        )
         seq.pos = len(ids)
         if seq.spec.prefill_details:
-            seq.prefill = self._prefill_tokens(ids, logits)
+            seq.prefill = self._prefill_tokens(seq, ids, logits)
         self._accept(seq, logits[-1])
 
-    def _decode(self) -> Any:
+    def _decode(self, group: _Group) -> Any:
         import torch
 
         if self.step_hook:
             self.step_hook()
-        active = self._active
-        device = self.loaded.runner.device
-        tokens = torch.tensor([s.next_token for s in active], device=device)
-        positions = torch.tensor([s.pos for s in active], device=device)
-        logits = self.loaded.runner.decode(tokens, positions)
+        active, runner = group.active, group.runner
+        tokens = torch.tensor([s.next_token for s in active], device=runner.device)
+        positions = torch.tensor([s.pos for s in active], device=runner.device)
+        adapters = [s.model.adapter for s in active] if len(runner.adapters) > 1 else None
+        logits = runner.decode(tokens, positions, adapters)
         self.steps += 1
         return logits
 
@@ -346,15 +388,15 @@ class Engine:
         if seq.constraint:
             seq.constraint.advance(token)
         seq.generated.append(token)
-        special = token in self._special
+        special = token in seq.special
         text = seq.detok.push(token)
-        top = tuple(self._alternative(i, lp) for i, lp in choice.top)
+        top = tuple(self._alternative(seq, i, lp) for i, lp in choice.top)
         out = TokenOut(token, text, choice.logprob, special, top)
         seq.tokens.append(out)  # for details=true; a few dozen bytes a token
         reason = None
         if len(seq.generated) >= spec.max_new_tokens:
             reason = FinishReason.LENGTH
-        elif token in self.loaded.eos_token_ids:
+        elif token in seq.model.eos_token_ids:
             reason = FinishReason.EOS
         elif spec.stop and not special:
             start = max(0, len(seq.text) - max(map(len, spec.stop)) + 1)
@@ -368,13 +410,13 @@ class Engine:
         seq.done = True
         seq.post(out, self._finished(seq, reason))
 
-    def _alternative(self, token: int, logprob: float) -> TokenOut:
+    def _alternative(self, seq: _Sequence, token: int, logprob: float) -> TokenOut:
         """One of the top-n tokens, decoded on its own as TGI does."""
-        text = self.loaded.tokenizer.decode([token], skip_special_tokens=False)
-        return TokenOut(token, text, logprob, token in self._special)
+        text = seq.model.tokenizer.decode([token], skip_special_tokens=False)
+        return TokenOut(token, text, logprob, token in seq.special)
 
     def _finished(self, seq: _Sequence, reason: str) -> Finished:
-        text = self.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = seq.model.tokenizer.decode(seq.generated, skip_special_tokens=True)
         return Finished(
             finish_reason=reason,
             generated_text=text,
@@ -387,10 +429,12 @@ class Engine:
             started=seq.started,
         )
 
-    def _prefill_tokens(self, ids: list[int], logits: Any) -> list[tuple[int, str, float | None]]:
+    def _prefill_tokens(
+        self, seq: _Sequence, ids: list[int], logits: Any
+    ) -> list[tuple[int, str, float | None]]:
         import torch
 
-        decode = self.loaded.tokenizer.decode
+        decode = seq.model.tokenizer.decode
         logprobs = torch.log_softmax(logits[:-1], dim=-1)
         out: list[tuple[int, str, float | None]] = [(ids[0], decode([ids[0]]), None)]
         for t in range(1, len(ids)):
@@ -398,19 +442,22 @@ class Engine:
         return out
 
     def _drop_finished(self) -> None:
-        """Release ended or cancelled sequences and pack the survivors into slots 0..B-1."""
-        survivors = [s for s in self._active if not (s.done or s.cancelled)]
-        if len(survivors) == len(self._active):
-            return
-        for seq in self._active:
-            if seq.failed:  # before any survivor moves in: masked NaN still poisons attention
-                self.loaded.runner.clear(seq.slot)
-        for new_slot, seq in enumerate(survivors):
-            if seq.slot != new_slot:
-                self.loaded.runner.move(seq.slot, new_slot, seq.pos)
-                seq.slot = new_slot
-        self._release([s for s in self._active if s.done or s.cancelled])
-        self._active = survivors
+        """Release ended or cancelled sequences and pack each model's survivors into its
+        slots 0..B-1."""
+        for group in self._groups.values():
+            active = group.active
+            survivors = [s for s in active if not (s.done or s.cancelled)]
+            if len(survivors) == len(active):
+                continue
+            for seq in active:
+                if seq.failed:  # before any survivor moves in: masked NaN still poisons attention
+                    group.runner.clear(seq.slot)
+            for new_slot, seq in enumerate(survivors):
+                if seq.slot != new_slot:
+                    group.runner.move(seq.slot, new_slot, seq.pos)
+                    seq.slot = new_slot
+            self._release([s for s in active if s.done or s.cancelled])
+            group.active = survivors
 
     def _release(self, seqs: list[_Sequence]) -> None:
         fresh = [s for s in seqs if not s.released]
@@ -420,12 +467,19 @@ class Engine:
             self._in_flight -= len(fresh)
 
     def _fail_all(self, admitted: list[_Sequence], error: Exception) -> None:
-        victims = list({id(s): s for s in [*self._active, *admitted]}.values())
+        """A bug between sequences: fail this round's admissions and everything decoding."""
+        self._fail([*self._active, *admitted], error)
+
+    def _fail(self, seqs: list[_Sequence], error: Exception) -> None:
+        """End ``seqs`` with ``error``, clear their slots and take them out of their groups."""
+        victims = list({id(s): s for s in seqs}.values())
         for seq in victims:
             if seq.slot >= 0:
-                self.loaded.runner.clear(seq.slot)
+                seq.model.runner.clear(seq.slot)
             if not seq.done:
                 seq.done = seq.failed = True
                 seq.post(None, error)
         self._release(victims)
-        self._active = []
+        gone = {id(s) for s in victims}
+        for group in self._groups.values():
+            group.active = [s for s in group.active if id(s) not in gone]

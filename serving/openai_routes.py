@@ -6,7 +6,8 @@ other temperature samples; chat renders the conversation with the model's own ch
 takes ``response_format`` as a grammar and ``top_logprobs`` as ``top_n_tokens``; streams end
 with ``data: [DONE]`` and report a failure as ``{"error": {"message", "http_status_code"}}``;
 EOS is ``finish_reason: "stop"`` in final answers (a streamed completion's last chunk keeps
-TGI's ``eos_token``).
+TGI's ``eos_token``). ``model`` picks the served model as ``adapter_id`` does on TGI's routes
+("tgi" or none: the server's own).
 """
 
 from __future__ import annotations
@@ -46,7 +47,15 @@ from serving.schema import (
     Usage,
     openai_finish_reason,
 )
-from serving.service import Prepared, RequestError, Service, Ticket, ToolError, timing_headers
+from serving.service import (
+    Prepared,
+    RequestError,
+    Served,
+    Service,
+    Ticket,
+    ToolError,
+    timing_headers,
+)
 
 router = APIRouter(route_class=TGIRoute)
 
@@ -103,9 +112,9 @@ def _usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
 
 
-def _model_name(service: Service, requested: str | None) -> str:
-    """TGI echoes the request's ``model`` on chat answers unless it is absent or "tgi"."""
-    return service.loaded.model_id if requested in (None, "tgi") else requested
+def _served(service: Service, model: str | None) -> Served:
+    """TGI reads ``model`` as the adapter id unless it is absent or "tgi"."""
+    return service.pick(None if model in (None, "tgi") else model)
 
 
 def _meta(service: Service, prefix: str, model: str) -> dict[str, Any]:
@@ -133,8 +142,12 @@ def _logprobs(token: TokenOut) -> ContentLogprob:
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def models(request: Request) -> dict[str, Any]:
-    lm = _service(request).loaded
-    return ModelList(data=[ModelCard(id=lm.model_id, owned_by=lm.model_id)]).model_dump()
+    """Every served id, the server's own first (TGI lists its one model)."""
+    cards = [
+        ModelCard(id=s.id, owned_by=s.id, prompt_format=s.loaded.prompt_format)
+        for s in _service(request).served.values()
+    ]
+    return ModelList(data=cards).model_dump()
 
 
 @router.post(
@@ -157,9 +170,10 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
             "Number of prompts exceeds the maximum allowed batch size of "
             f"{C.MAX_CLIENT_BATCH_SIZE}",
         )
+    served = _served(service, req.model)
     params = completion_parameters(req)
-    meta = _meta(service, "cmpl", service.loaded.model_id)
-    prepared = [await service.prepare(p, params, stream=req.stream) for p in prompts]
+    meta = _meta(service, "cmpl", served.id)
+    prepared = [await service.prepare(p, params, stream=req.stream, served=served) for p in prompts]
     if req.stream:  # all prompts decode together; their events come prompt by prompt
         streams = [service.submit(p)[0] for p in prepared]
 
@@ -223,9 +237,10 @@ async def completion_events(
     yield sse.DONE
 
 
-def _chat_prompt(service: Service, req: ChatRequest) -> tuple[str, GenerateParameters]:
+def _chat_prompt(service: Service, req: ChatRequest) -> tuple[Served, str, GenerateParameters]:
+    served = _served(service, req.model)
     params = chat_parameters(req)
-    return service.chat_prompt(req.messages), params
+    return served, service.chat_prompt(req.messages, served), params
 
 
 @router.post(
@@ -236,12 +251,17 @@ def _chat_prompt(service: Service, req: ChatRequest) -> tuple[str, GenerateParam
 async def chat_completions(req: ChatRequest, request: Request) -> Response:
     service = _service(request)
     ticket = begin(request)
-    prompt, params = _chat_prompt(service, req)
+    served, prompt, params = _chat_prompt(service, req)
     # The template already placed any special tokens (as TGI: add_special_tokens=false).
     prepared = await service.prepare(
-        prompt, params, add_special_tokens=False, stream=req.stream, grammar=req.response_format
+        prompt,
+        params,
+        add_special_tokens=False,
+        stream=req.stream,
+        grammar=req.response_format,
+        served=served,
     )
-    meta = _meta(service, "chatcmpl", _model_name(service, req.model))
+    meta = _meta(service, "chatcmpl", served.id)
     if req.stream:
         [stream] = service.submit(prepared)
 
@@ -293,6 +313,6 @@ async def chat_events(
 async def chat_tokenize(req: ChatRequest, request: Request) -> dict[str, Any]:
     """TGI's /chat_tokenize: the templated prompt, and its tokens (no special tokens added)."""
     service = _service(request)
-    prompt, _ = _chat_prompt(service, req)
-    pieces = await service.tokenize(prompt, add_special_tokens=False)
+    served, prompt, _ = _chat_prompt(service, req)
+    pieces = await service.tokenize(prompt, add_special_tokens=False, served=served)
     return {"tokenize_response": pieces, "templated_text": prompt}

@@ -223,9 +223,22 @@ class ErrorResponse(_Response):
     error_type: str
 
 
+class ServedModel(_Response):
+    """One model (or LoRA adapter) the server serves, as ``/info``'s ``models`` lists it."""
+
+    id: str  # what ``parameters.adapter_id`` (``model`` on /v1) names
+    kind: Literal["model", "adapter"]  # its own weights, or a LoRA adapter over ``base``
+    base: str | None = None
+    max_input_tokens: int
+    max_total_tokens: int
+    memory_bytes: int  # planned: weights + KV cache for a model, A and B for an adapter
+    prompt_format: dict[str, Any] | None = None
+
+
 class Info(_Response):
     """TGI 3.3's ``/info``, field for field, plus what this server adds: the weights' dtype
-    and device (TGI 2 reported them), the quantization, and the model's ``prompt_format``."""
+    and device (TGI 2 reported them), the quantization, the model's ``prompt_format``, and every
+    served model (``models``; the first is the one described above)."""
 
     model_id: str
     model_sha: str | None = None
@@ -245,6 +258,7 @@ class Info(_Response):
     model_device_type: str
     quantize: str | None = None
     prompt_format: dict[str, Any] | None = None
+    models: list[ServedModel] = Field(default_factory=list)
 
 
 # --- OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models, /chat_tokenize ---------
@@ -255,7 +269,7 @@ class StreamOptions(_Request):
 
 
 class _OpenAIRequest(_Request):
-    model: str | None = None  # "tgi" or absent: the served model
+    model: str | None = None  # a served id; "tgi" or absent: the server's own (TGI's rule)
     max_tokens: U32 | None = None
     temperature: F32 | None = None
     top_p: F32 | None = None
@@ -323,7 +337,7 @@ ResponseFormat = Annotated[
 
 
 class ChatRequest(_Request):
-    model: str | None = None
+    model: str | None = None  # a served id; "tgi" or absent: the server's own (TGI's rule)
     messages: list[ChatMessage]
     frequency_penalty: F32 | None = None
     logit_bias: Any = None  # unused, as in TGI
@@ -439,6 +453,7 @@ class ModelCard(_Response):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str
+    prompt_format: dict[str, Any] | None = None  # this server's: the chat page reads it
 
 
 class ModelList(_Response):

@@ -3,6 +3,8 @@
     python -m serving.server --model runs/my-finetune/model            # 127.0.0.1:8080
     python -m serving.server --model DIR --host 0.0.0.0 --api-key "$KEY" \
         --cors-origin null --quantize int8
+    python -m serving.server --model base=runs/pre/model --model sft=runs/sft/model \
+        --adapter lora=runs/lora/model          # several: pick with parameters.adapter_id
     curl -s localhost:8080/generate -H 'Content-Type: application/json' \
         -d '{"inputs": "Hello", "parameters": {"max_new_tokens": 20}}'
 
@@ -19,7 +21,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,8 +30,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from serving import catalog, memory, openapi, sse
 from serving import constants as C
-from serving import openapi, sse
 from serving.engine import Engine, Finished
 from serving.middleware import BearerAuth, BodyLimit
 from serving.model import LoadedModel, load_model
@@ -70,15 +72,18 @@ from serving.settings import Settings, from_args
 log = logging.getLogger("serving.server")
 
 
-def create_app(settings: Settings, loaded: LoadedModel) -> FastAPI:
-    """The ASGI app for ``loaded``; the engine starts and stops with the app's lifespan."""
-    engine = Engine(loaded, max_batch_size=settings.max_batch_size, max_queued=settings.max_queued)
-    service = Service(loaded, engine, settings)
+def create_app(settings: Settings, loaded: LoadedModel | Sequence[LoadedModel]) -> FastAPI:
+    """The ASGI app for ``loaded`` (one model, or several: the first is the server's own); the
+    engine starts and stops with the app's lifespan."""
+    models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
+    engine = Engine(models, max_batch_size=settings.max_batch_size, max_queued=settings.max_queued)
+    service = Service(models, engine, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        log.info("serving %s on %s:%d", loaded.describe(), settings.host, settings.port)
+        for lm in models:
+            log.info("serving %s on %s:%d", lm.describe(), settings.host, settings.port)
         try:
             yield
         finally:
@@ -178,8 +183,10 @@ def _add_tgi_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/tokenize", response_model=list[SimpleToken], responses=ERRORS)
     async def tokenize(req: GenerateRequest) -> Response:
-        """TGI's /tokenize: lets a client (the chat page) count a prompt's tokens exactly."""
-        pieces = await service.tokenize(req.inputs)
+        """TGI's /tokenize: lets a client (the chat page) count a prompt's tokens exactly, with
+        the tokenizer of the model ``parameters.adapter_id`` names."""
+        served = service.pick(req.parameters.adapter_id)
+        pieces = await service.tokenize(req.inputs, served=served)
         return JSONResponse(pieces)
 
     @app.post("/generate", response_model=GenerateResponse, responses=ERRORS)
@@ -327,6 +334,26 @@ async def tgi_events(
         yield sse.event(error_body(e)[1])
 
 
+def check_memory(plan: catalog.Plan, settings: Settings) -> None:
+    """Refuse the plan (``memory.PlanRefused``) if it cannot fit, before any weight is loaded;
+    else log what it needs (``--plan`` prints it)."""
+    slots, quantize = settings.max_batch_size, settings.quantize
+    needs = plan.needs(slots, quantize)
+    budget, source = memory.available(settings.device, settings.memory_limit_gb)
+    int8 = plan.needs(slots, "int8") if settings.device == "cpu" else None
+    memory.check(needs, budget, source, slots=slots, quantize=quantize, int8_needs=int8)
+    lines = memory.describe(needs, slots)
+    summary = (
+        f"memory plan: {memory.mib(memory.total(needs))} with the runtime, "
+        f"{memory.mib(budget)} available ({source})"
+    )
+    if settings.plan_only:
+        head = f"serving {', '.join(plan.order)} (the first is the default)"
+        print("\n".join([head, *lines, summary]))
+    else:
+        log.info("%s\n%s", summary, "\n".join(lines))
+
+
 def configure_threads(threads: int | None) -> int:
     """One torch thread per usable core by default: the scheduler is the only torch user."""
     import torch
@@ -345,25 +372,45 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if settings.model.startswith((".", "/", "~")) and not os.path.isdir(settings.model):
-        print(  # before torch is imported: a typo should not cost ten seconds
-            f"error: could not load the model from {settings.model}: no such directory. "
-            "Pass --model runs/<run>/model (a save_pretrained directory).",
-            file=sys.stderr,
-        )
-        return 1
+    for spec in settings.served:  # before torch is imported: a typo should not cost ten seconds
+        if spec.source.startswith((".", "/", "~")) and not os.path.isdir(spec.source):
+            print(
+                f"error: could not load the model from {spec.source}: no such directory. "
+                f"Pass --{spec.kind} runs/<run>/model (a save_pretrained directory).",
+                file=sys.stderr,
+            )
+            return 1
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(message)s")
+    try:
+        plan = catalog.plan(list(settings.served), model_id=settings.model_id)
+        check_memory(plan, settings)
+    except memory.PlanRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if settings.plan_only:
+        return 0
     configure_threads(settings.threads)
     try:
-        loaded = load_model(
-            settings.model,
-            quantize=settings.quantize,
-            device=settings.device,
-            slots=settings.max_batch_size,
-            model_id=settings.model_id,
-        )
+        if len(settings.served) == 1 and settings.served[0].kind == "model":
+            loaded: Any = load_model(  # one model: exactly as before
+                settings.model,
+                quantize=settings.quantize,
+                device=settings.device,
+                slots=settings.max_batch_size,
+                model_id=plan.order[0],
+            )
+        else:
+            loaded = catalog.load(
+                plan,
+                quantize=settings.quantize,
+                device=settings.device,
+                slots=settings.max_batch_size,
+            )
     except (OSError, ValueError) as e:
-        print(f"error: could not load the model from {settings.model}: {e}", file=sys.stderr)
+        print(f"error: could not load the models: {e}", file=sys.stderr)
         return 1
     app = create_app(settings, loaded)
     uvicorn.run(

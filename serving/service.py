@@ -8,6 +8,11 @@ The books: every generation request that reaches a route is counted once in
 ``tinycloud_request_cancelled`` when the client left — so the metrics always add up to what
 was sent.
 
+Several models: each served id (a model, or a LoRA adapter over one) has its own limits,
+tokenizer and grammar compiler (``Served``); a request picks one with ``parameters.adapter_id``
+(``model`` on /v1), and an id the server does not serve is a 422. No id: the first, as TGI's
+base model.
+
 Routes stay a few lines each: parse with ``schema``, call ``Service``, shape the reply.
 """
 
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +29,7 @@ from serving.engine import Engine, Finished, GenerationFailed, Overloaded, Strea
 from serving.grammar import GrammarCompiler
 from serving.metrics import Metrics
 from serving.model import LoadedModel
-from serving.schema import ChatMessage, GenerateParameters, Info
+from serving.schema import ChatMessage, GenerateParameters, Info, ServedModel
 from serving.settings import Settings
 from serving.tokenizing import Encoder, Workers, too_long_to_list
 from serving.validation import (
@@ -106,6 +111,18 @@ class Ticket:
         return kind
 
 
+class Served:
+    """One id the server answers to: its model (or adapter), and what validating a request
+    for it needs — its limits, its tokenizer (off the event loop) and its grammar compiler."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.id = loaded.model_id
+        self.limits = Limits(loaded.max_input_tokens, loaded.max_total_tokens)
+        self.encoder = Encoder(loaded.tokenizer)
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.eos_token_ids)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A validated request: one spec per sequence to run (``best_of`` runs several)."""
@@ -113,6 +130,7 @@ class Prepared:
     specs: list[GenerationSpec]
     constraints: list[Any]
     characters: int  # len(inputs): TGI's x-compute-characters
+    served: Served
 
     @staticmethod
     def together(parts: list[Prepared]) -> Prepared:
@@ -121,19 +139,26 @@ class Prepared:
             [s for p in parts for s in p.specs],
             [c for p in parts for c in p.constraints],
             sum(p.characters for p in parts),
+            parts[0].served,
         )
 
 
 class Service:
-    def __init__(self, loaded: LoadedModel, engine: Engine, settings: Settings) -> None:
-        self.loaded = loaded
+    def __init__(
+        self,
+        models: LoadedModel | Sequence[LoadedModel],
+        engine: Engine,
+        settings: Settings,
+    ) -> None:
+        models = [models] if isinstance(models, LoadedModel) else list(models)
+        self.served = {m.model_id: Served(m) for m in models}  # in order: the first is the own
+        self.own = self.served[models[0].model_id]
+        self.loaded = self.own.loaded
+        self.limits = self.own.limits
         self.engine = engine
         self.settings = settings
         self.metrics = Metrics(engine)
-        self.limits = Limits(loaded.max_input_tokens, loaded.max_total_tokens)
         self.workers = Workers()
-        self.encoder = Encoder(loaded.tokenizer)
-        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.eos_token_ids)
         self.fingerprint = f"{C.VERSION}-native"  # TGI: version + docker label, else "native"
 
     def close(self) -> None:
@@ -145,6 +170,20 @@ class Service:
         self.metrics.requests.inc()
         return Ticket(self.metrics)
 
+    def pick(self, adapter_id: str | None) -> Served:
+        """The served id a request names (``adapter_id``, or ``model`` on /v1); none: the
+        server's own. TGI 3.3 falls back to its base model for an id it has not loaded; here
+        an unknown id is a 422, so a typo never answers from another model."""
+        if adapter_id is None:
+            return self.own
+        served = self.served.get(adapter_id)
+        if served is None:
+            raise ValidationError(
+                f"`adapter_id` {adapter_id!r} is not served here; this server serves "
+                f"{', '.join(map(repr, self.served))} (GET /v1/models lists them)"
+            )
+        return served
+
     async def prepare(
         self,
         inputs: str,
@@ -153,24 +192,28 @@ class Service:
         add_special_tokens: bool = True,
         stream: bool = False,
         grammar: Any = None,
+        served: Served | None = None,
     ) -> Prepared:
-        """TGI's validation: the cheap checks here, the rest in a validation worker."""
-        checked = check_parameters(inputs, params, self.limits, stream=stream)
+        """TGI's validation: the cheap checks here, the rest in a validation worker. The model
+        is ``served``, else the one ``params.adapter_id`` names."""
+        served = served or self.pick(params.adapter_id)
+        checked = check_parameters(inputs, params, served.limits, stream=stream)
         if checked.truncate is None:
-            self._refuse_if_hopeless(inputs, params)
-        return await self.workers.run(
-            len(inputs), self._validate, inputs, params, checked, add_special_tokens, grammar
-        )
+            self._refuse_if_hopeless(served, inputs, params)
+        args = (served, inputs, params, checked, add_special_tokens, grammar)
+        return await self.workers.run(len(inputs), self._validate, *args)
 
-    def _refuse_if_hopeless(self, inputs: str, params: GenerateParameters) -> None:
+    @staticmethod
+    def _refuse_if_hopeless(served: Served, inputs: str, params: GenerateParameters) -> None:
         """An input that cannot fit whatever its tokens are is refused before tokenizing."""
-        at_least = self.encoder.at_least(inputs)
-        if at_least > self.limits.max_input_tokens:
-            max_new = max_new_tokens_for(at_least, params, self.limits)
-            check_lengths(at_least, max_new, self.limits, at_least=True)
+        at_least = served.encoder.at_least(inputs)
+        if at_least > served.limits.max_input_tokens:
+            max_new = max_new_tokens_for(at_least, params, served.limits)
+            check_lengths(at_least, max_new, served.limits, at_least=True)
 
     def _validate(
         self,
+        served: Served,
         inputs: str,
         params: GenerateParameters,
         checked: Checked,
@@ -178,22 +221,22 @@ class Service:
         grammar: Any,
     ) -> Prepared:
         """In a validation worker: tokenize, count, compile the grammar (TGI's order)."""
-        ids = self.encoder.encode(inputs, add_special_tokens, checked.truncate)
-        compiled = self.grammars.compile(grammar if grammar is not None else params.grammar)
-        specs = [build_spec(ids, params, checked, self.limits, compiled)]
+        limits = served.limits
+        ids = served.encoder.encode(inputs, add_special_tokens, checked.truncate)
+        compiled = served.grammars.compile(grammar if grammar is not None else params.grammar)
+        specs = [build_spec(ids, params, checked, limits, compiled)]
         specs += [
-            build_spec(ids, params, checked, self.limits, compiled)
-            for _ in range(checked.best_of - 1)
+            build_spec(ids, params, checked, limits, compiled) for _ in range(checked.best_of - 1)
         ]
-        eos = self.loaded.eos_token_ids
+        eos = served.loaded.eos_token_ids
         constraints = [compiled.constraint(eos) if compiled else None for _ in specs]
         self.metrics.input_length.observe(len(ids))
         self.metrics.max_new_tokens.observe(specs[0].max_new_tokens)
-        return Prepared(specs, constraints, len(inputs))
+        return Prepared(specs, constraints, len(inputs), served)
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> str:
+    def chat_prompt(self, messages: list[ChatMessage], served: Served | None = None) -> str:
         """Render the conversation with the model's own chat template (as TGI does)."""
-        tok = self.loaded.tokenizer
+        tok = (served or self.own).loaded.tokenizer
         if not getattr(tok, "chat_template", None):
             raise TemplateError(
                 "this model has no chat template; use /generate or /v1/completions, or "
@@ -207,18 +250,23 @@ class Service:
         except Exception as e:  # jinja2 raises its own types (TemplateError, UndefinedError)
             raise TemplateError(f"the chat template failed on these messages: {e}") from e
 
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[dict[str, Any]]:
-        """TGI's /tokenize, bounded: see tokenizing.py."""
-        cap = C.TOKENIZE_CONTEXTS * self.limits.max_total_tokens
-        at_least = self.encoder.at_least(text)
+    async def tokenize(
+        self, text: str, *, add_special_tokens: bool = True, served: Served | None = None
+    ) -> list[dict[str, Any]]:
+        """TGI's /tokenize with ``served``'s tokenizer, bounded: see tokenizing.py."""
+        served = served or self.own
+        cap = C.TOKENIZE_CONTEXTS * served.limits.max_total_tokens
+        at_least = served.encoder.at_least(text)
         if at_least > cap:
             raise ValidationError(too_long_to_list(f"at least {at_least}", cap))
-        return await self.workers.run(len(text), self.encoder.pieces, text, add_special_tokens, cap)
+        return await self.workers.run(
+            len(text), served.encoder.pieces, text, add_special_tokens, cap
+        )
 
     # -- running it ---------------------------------------------------------------------------
 
     def submit(self, prepared: Prepared) -> list[Stream]:
-        return self.engine.submit(prepared.specs, prepared.constraints)
+        return self.engine.submit(prepared.specs, prepared.constraints, prepared.served.loaded)
 
     async def complete(self, prepared: Prepared, request: Any, ticket: Ticket) -> list[Finished]:
         """Run every sequence to its end; if the client disconnects first, cancel them all and
@@ -293,7 +341,21 @@ class Service:
             model_device_type=lm.device,
             quantize=lm.quantize,
             prompt_format=lm.prompt_format,
+            models=[served_model(s.loaded) for s in self.served.values()],
         )
+
+
+def served_model(lm: LoadedModel) -> ServedModel:
+    """One entry of /info's ``models``: what a served id is and what it costs."""
+    return ServedModel(
+        id=lm.model_id,
+        kind=lm.kind,
+        base=lm.base_id,
+        max_input_tokens=lm.max_input_tokens,
+        max_total_tokens=lm.max_total_tokens,
+        memory_bytes=lm.memory_bytes,
+        prompt_format=lm.prompt_format,
+    )
 
 
 def timing_headers(

@@ -325,7 +325,7 @@ def test_a_bug_answers_in_tgis_shape_and_is_counted(server, client, monkeypatch)
         raise RuntimeError("a bug in the tokenizer wrapper")
 
     before = metric(client, 'tgi_request_failure_total{err="internal"}')
-    monkeypatch.setattr(service.encoder, "encode", broken)
+    monkeypatch.setattr(service.own.encoder, "encode", broken)
     tgi_error(generate(client), 500, "internal error (RuntimeError)", kind="internal")
     r = client.post("/generate_stream", json={"inputs": "x", "parameters": {}})
     tgi_error(r, 500, "internal error (RuntimeError)", kind="internal")

@@ -384,7 +384,11 @@ def test_info_is_tgi_3_3s(client, tiny_model_dir):
         "docker_label",
     }
     assert tgi <= set(info)
-    assert set(info) - tgi == {"model_dtype", "model_device_type", "quantize", "prompt_format"}
+    ours = {"model_dtype", "model_device_type", "quantize", "prompt_format", "models"}
+    assert set(info) - tgi == ours
+    [own] = info["models"]  # one model served: it alone, described as /info describes it
+    assert own["id"] == info["model_id"] and own["kind"] == "model" and own["base"] is None
+    assert own["max_total_tokens"] == info["max_total_tokens"] and own["memory_bytes"] > 0
     assert (info["max_best_of"], info["max_client_batch_size"], info["validation_workers"]) == (
         2,
         4,

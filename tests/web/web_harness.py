@@ -1,7 +1,7 @@
 """What the chat page's browser tests share: the real native server as a user starts it, real
 headless Chromium (Debian's, driven by playwright), and a page rendered for the server and opened
 from disk in a fresh browser context (so localStorage starts empty). Used by test_chat_page.py
-(one model) and test_chat_compare_standin.py (several; see tests/web/standin.py).
+(one model) and test_chat_compare.py (two runs served at once).
 
     from web_harness import browser_fixture, open_chat_fixture  # noqa: F401 (pytest fixtures)
 

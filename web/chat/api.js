@@ -89,6 +89,15 @@
     return { max: m ? Number(m[1]) : 0 };
   }
 
+  // The native server's /tokenize refuses to list a text of more than 16 contexts' worth of tokens,
+  // with a 422 that counts them ("`inputs` has [at least] N tokens; /tokenize lists at most M"):
+  // N, a count far past any context (the text is too long, not uncountable); 0 for any other error.
+  function tokensTooManyToList(err) {
+    if (!(err instanceof ServerError) || err.status !== 422) return 0;
+    const m = /`inputs` has (?:at least )?(\d+) tokens; \/tokenize lists at most \d+/.exec(err.message);
+    return m ? Number(m[1]) : 0;
+  }
+
   // One answer from /generate_stream, folded from its events: `take(event)` returns the text to
   // show now ("" for none; special tokens are counted, not shown) and throws a ServerError for
   // an error event. The last event's generated_text and details end up in finalText and details;
@@ -155,6 +164,8 @@
       },
       // The prompt's length in the model's tokens, or null where the server cannot count
       // (TGI can; a server without /tokenize is asked once, then never again until reset).
+      // A text too long to list is counted as the server's 422 counts it (see
+      // tokensTooManyToList), and the server is asked again next time.
       // `parameters` picks the model ({adapter_id}) where several are served.
       async tokenize(text, signal, parameters) {
         if (!client.canTokenize) return null;
@@ -167,6 +178,9 @@
           if (res.ok) {
             const body = await res.json();
             if (Array.isArray(body)) return body.length;
+          } else if (res.status === 422) {
+            const n = tokensTooManyToList(await errorFrom(res));
+            if (n) return n;
           }
         } catch (e) {
           if (e.name === "AbortError") throw e;
@@ -194,6 +208,7 @@
   exports.promptTokensIn = promptTokensIn;
   exports.limitsIn = limitsIn;
   exports.topTokensLimitIn = topTokensLimitIn;
+  exports.tokensTooManyToList = tokensTooManyToList;
   exports.createAnswer = createAnswer;
   exports.createClient = createClient;
 })(typeof tinycloud === "object" ? (tinycloud.api = {}) : module.exports);

@@ -195,6 +195,28 @@ describe("createClient against a real server", () => {
     assert.deepEqual(JSON.parse(requests[0].body), { inputs: "hey", parameters: { adapter_id: "sft-run" } });
   });
 
+  it("counts a text too long for /tokenize to list as the server's 422 counts it, and asks again", async () => {
+    const tooLong = (n) => json(422, {
+      error: `Input validation error: \`inputs\` has ${n} tokens; /tokenize lists at most 2048. ` +
+        "Count a shorter text (the model reads far fewer)",
+      error_type: "validation",
+    });
+    routes["POST /tokenize"] = () => tooLong("at least 5000");
+    requests.length = 0;
+    const client = createClient(base, "k");
+    assert.equal(await client.tokenize("x".repeat(20000)), 5000);
+    routes["POST /tokenize"] = () => tooLong("2100");
+    assert.equal(await client.tokenize("y".repeat(9000)), 2100);
+    assert.equal(client.canTokenize, true); // too long, not uncountable: /tokenize stays in use
+    routes["POST /tokenize"] = (body) => json(200, [...JSON.parse(body).inputs].map((c, id) => ({ id, text: c })));
+    assert.equal(await client.tokenize("hey"), 3);
+    assert.equal(requests.length, 3);
+    // Any other 422 (an unknown model, say) still means this server cannot count for us.
+    routes["POST /tokenize"] = () => json(422, { error: "Input validation error: `adapter_id` 'x' is not served here", error_type: "validation" });
+    assert.equal(await client.tokenize("hey", undefined, { adapter_id: "x" }), null);
+    assert.equal(client.canTokenize, false);
+  });
+
   it("reads the served models from /v1/models, or null without that route", async () => {
     const listed = { object: "list", data: [{ id: "base-run", object: "model", created: 0, owned_by: "tinycloud" }] };
     routes["GET /v1/models"] = () => json(200, listed);

@@ -1,13 +1,9 @@
-"""The chat page's compare mode and token view in real headless Chromium, against two tiny runs
-served at once: ``base-run`` (the server's own, 8192-token context) and ``sharp-run`` (picked
-with ``adapter_id``; a 128-token context and sharper probabilities).
+"""The chat page's compare mode and token view in real headless Chromium, against the real
+native server serving two tiny runs at once (issue 17): ``base-run`` (the server's own model,
+8192-token context) and ``sharp-run`` (picked with ``adapter_id``; a 128-token context and
+sharper probabilities). Every test speaks HTTP and drives the page only.
 
-STAND-IN, to switch: the native server does not yet serve several runs (issue 17) or
-``top_n_tokens`` (issue 15), so ``compare_server`` below routes between two real native servers
-through tests/web/standin.py, which adds both in TGI 3.3's shapes. When the real server has
-them, change only ``compare_server`` to start it with both runs (base-run its own model,
-sharp-run by adapter_id), delete standin.py, and rename this module test_chat_compare.py: every
-test here speaks HTTP and drives the page only, and must pass unchanged.
+Screenshots of compare mode and the token view go to test-artifacts/web/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import build_tiny_model, free_port
+from conftest import build_tiny_model
 from web_harness import (  # noqa: F401 (pytest fixtures)
     ARTIFACTS,
     FINISH_REASONS,
@@ -69,13 +65,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def compare_server(runs):
-    """THE STAND-IN (see the module's docstring): switch this fixture to the real server."""
-    from standin import serving
-
-    with running_server(runs[BASE]) as base_url, running_server(runs[SHARP]) as sharp_url:
-        port = free_port()
-        with serving({BASE: (base_url, runs[BASE]), SHARP: (sharp_url, runs[SHARP])}, port):
-            yield f"http://127.0.0.1:{port}"
+    """``python -m serving.server`` with both runs: base-run first (its own model, the one
+    /info describes), sharp-run picked by ``adapter_id``."""
+    with running_server(runs[BASE], "--model", str(runs[SHARP])) as url:
+        yield url
 
 
 # --- helpers --------------------------------------------------------------------------------
