@@ -43,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.machine import matmul_peak_gflops  # noqa: E402
 
 COURSE_MAX_LENGTH = 256  # the course pads every example to this
 BATCH, ACCUM = 4, 4  # the course's batch and accumulation: 16 examples a step
@@ -113,7 +114,7 @@ def real_alpaca_lengths() -> list[dict[str, str]] | None:
     if not hub_reachable():
         return None
     try:
-        from remote.jobs.presets import load_rows
+        from remote.jobs.dataset import load_rows
 
         return load_rows("alpaca-1k").rows
     except Exception:
@@ -153,22 +154,6 @@ def length_stats(name: str, lengths: list[int], extra: str = "") -> None:
         f"  {name:<22} mean {statistics.mean(q):6.1f}  median {q[len(q) // 2]:4d}  "
         f"p90 {q[int(len(q) * 0.9)]:4d}  max {q[-1]:4d}  {extra}"
     )
-
-
-def matmul_peak_gflops(seconds: float = 3.0, dtype: str = "float32") -> float:
-    """Best GEMM rate per CPU-second of all threads, times the thread count: what this
-    machine's cores deliver when they are ours alone (the ceiling for the rates below)."""
-    import torch
-
-    a, b = (torch.randn(2048, 2048, dtype=getattr(torch, dtype)) for _ in range(2))
-    best, end = 0.0, time.perf_counter() + seconds
-    torch.mm(a, b)
-    while time.perf_counter() < end:
-        t = time.process_time()
-        torch.mm(a, b)
-        cpu = (time.process_time() - t) / torch.get_num_threads()
-        best = max(best, 2 * 2048**3 / max(cpu, 1e-9))
-    return best / 1e9
 
 
 def train_flops(cfg, seqs: list[int], logit_positions: int, lora: bool) -> float:
@@ -259,8 +244,8 @@ def ours_step(model, tok, rows, out: Path, args) -> tuple[float, dict]:
     from transformers.trainer_callback import PrinterCallback
 
     from remote.jobs import finetune
-    from remote.jobs.batching import tokenize_examples
-    from remote.jobs.presets import format_instruction
+    from remote.jobs.dataset import format_instruction
+    from remote.jobs.sft_batches import tokenize_examples
 
     pairs = [format_instruction(r, tok.eos_token) for r in rows]
     feats, _ = tokenize_examples(tok, pairs, finetune.MAX_LENGTH)
@@ -307,8 +292,8 @@ def make_rows(n: int, seed: int):
 
 
 def print_lengths(tok, rows) -> None:
-    from remote.jobs.batching import tokenize_examples
-    from remote.jobs.presets import format_instruction
+    from remote.jobs.dataset import format_instruction
+    from remote.jobs.sft_batches import tokenize_examples
 
     feats, _ = tokenize_examples(tok, [format_instruction(r, tok.eos_token) for r in rows], 512)
     ours = [len(f["input_ids"]) for f in feats]

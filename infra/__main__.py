@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pulumi
 import pulumi_aws as aws
 
-from infra import amis, cloud_init, config, myip, prices
-from infra.host import TrainingHost, TrainingHostArgs
+from facts import SSH_USER, Output
+from infra import amis, config, myip, prices
+from infra.training_host import TrainingHost, TrainingHostArgs
 
 # --- config: read once, checked (a bad value stops here with the command that fixes it) -------
 settings = config.load(pulumi.Config(config.NAMESPACE), lookup_ip=myip.current_public_ip)
@@ -44,21 +45,25 @@ host = TrainingHost(
         open_to_the_world=settings.open_to_the_world,
         api_port=settings.api_port,
         idle_stop_minutes=settings.idle_stop_minutes,
+        max_run_hours=settings.max_run_hours,
         ssh_public_key=settings.ssh_public_key,
         tags={"project": pulumi.get_project(), "stack": pulumi.get_stack()},
     ),
 )
 
 # --- outputs (contract 1: `fab` reads these with `pulumi stack output --json --show-secrets`) --
-pulumi.export("instance_id", host.instance.id)
-pulumi.export("public_dns", host.public_dns)
-pulumi.export("public_ip", host.public_ip)
-pulumi.export("region", region)
-pulumi.export("instance_type", settings.instance_type)
-pulumi.export("ssh_user", cloud_init.SSH_USER)
-pulumi.export("api_port", settings.api_port)
-pulumi.export("api_url", host.public_dns.apply(lambda dns: f"http://{dns}:{settings.api_port}"))
-pulumi.export("private_key", pulumi.Output.secret(host.private_key))
-pulumi.export("host_public_key", host.host_public_key)
-pulumi.export("allowed_cidrs", list(settings.allowed_cidrs))
-pulumi.export("cost_per_hour", prices.estimate(settings.instance_type, settings.volume_size_gb))
+pulumi.export(Output.INSTANCE_ID, host.instance.id)
+pulumi.export(Output.PUBLIC_DNS, host.public_dns)
+pulumi.export(Output.PUBLIC_IP, host.public_ip)
+pulumi.export(Output.REGION, region)
+pulumi.export(Output.INSTANCE_TYPE, settings.instance_type)
+pulumi.export(Output.SSH_USER, SSH_USER)
+pulumi.export(Output.API_PORT, settings.api_port)
+pulumi.export(
+    Output.API_URL, host.public_dns.apply(lambda dns: f"http://{dns}:{settings.api_port}")
+)
+pulumi.export(Output.PRIVATE_KEY, pulumi.Output.secret(host.private_key))
+pulumi.export(Output.HOST_PUBLIC_KEY, host.host_public_key)
+pulumi.export(Output.ALLOWED_CIDRS, list(settings.allowed_cidrs))
+cost = prices.estimate(settings.instance_type, settings.volume_size_gb)
+pulumi.export(Output.COST_PER_HOUR, cost)

@@ -5,29 +5,34 @@
 
 Every value enters the YAML JSON-encoded (JSON is YAML, so any string is safe there) and the
 one file of shell values is written with ``shlex.quote``; the scripts themselves are static
-files in ``infra/vm/`` that shellcheck reads as they are. No Pulumi import here: `remote/` and
-the tests use these paths and this renderer without an engine.
+files in ``infra/vm/`` that shellcheck reads as they are, shipped gzipped (``gz+b64``). No
+Pulumi import here: `remote/` and the tests use these paths and this renderer without an engine.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import shlex
 from pathlib import Path
 
 import jinja2
 
+from facts import (
+    API_PORT,
+    MAX_RUN_HOURS_ENV,
+    RUNS_ENV,
+    SSH_USER,
+    VM_RUNS_DIR,
+    VM_SETTINGS,
+    VM_STATE_DIR,
+)
+
 VM_DIR = Path(__file__).resolve().parent / "vm"
 
-# Facts about the VM that `fab` relies on (contract 1 and `fab setup`). One place for each.
-SSH_USER = "ubuntu"  # both Ubuntu 24.04 and the Deep Learning AMI log in as ubuntu
-HOME_DIR = f"/home/{SSH_USER}"
-TINYCLOUD_DIR = f"{HOME_DIR}/tinycloud"  # code and venv land here (`fab setup`)
-RUNS_DIR = f"{TINYCLOUD_DIR}/runs"  # exported as TINYCLOUD_RUNS in /etc/environment
-STATE_DIR = "/var/lib/tinycloud"
-READY_MARKER = f"{STATE_DIR}/ready"  # written last by the bootstrap: the VM is set up
-KEEP_AWAKE_MARKER = f"{STATE_DIR}/keep-awake"  # while it exists the idle stop never fires
-IDLE_ENV = "/etc/tinycloud/idle.env"
+# The VM's user, directories and markers that `fab` relies on are in facts.py.
+IDLE_ENV = VM_SETTINGS  # the stack's settings, shell-sourced by the VM's scripts
 USER_DATA_LIMIT = 16 * 1024  # bytes: EC2 refuses larger user data
 
 # Files written verbatim onto the VM: (source in infra/vm/, destination, mode).
@@ -37,6 +42,9 @@ STATIC_FILES = (
     ("tinycloud-activity.service", "/etc/systemd/system/tinycloud-activity.service", "0644"),
     ("tinycloud-idle.service", "/etc/systemd/system/tinycloud-idle.service", "0644"),
     ("tinycloud-idle.timer", "/etc/systemd/system/tinycloud-idle.timer", "0644"),
+    ("tinycloud-cap.sh", "/usr/local/sbin/tinycloud-cap", "0755"),
+    ("tinycloud-cap.service", "/etc/systemd/system/tinycloud-cap.service", "0644"),
+    ("tinycloud-cap.timer", "/etc/systemd/system/tinycloud-cap.timer", "0644"),
 )
 SHELL_SCRIPTS = tuple(VM_DIR / src for src, _, _ in STATIC_FILES if src.endswith(".sh"))
 
@@ -51,18 +59,34 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def idle_env(*, api_port: int, idle_stop_minutes: int, gpu: bool) -> str:
+def idle_env(*, api_port: int, idle_stop_minutes: int, gpu: bool, max_run_hours: int = 0) -> str:
     """The shell-sourced settings file the VM's scripts share (values shell-quoted)."""
     values = {
         "TINYCLOUD_USER": SSH_USER,
-        "TINYCLOUD_RUNS": RUNS_DIR,
-        "TINYCLOUD_STATE": STATE_DIR,
+        RUNS_ENV: VM_RUNS_DIR,
+        "TINYCLOUD_STATE": VM_STATE_DIR,
         "TINYCLOUD_API_PORT": str(int(api_port)),
         "TINYCLOUD_IDLE_MINUTES": str(int(idle_stop_minutes)),
         "TINYCLOUD_GPU": "1" if gpu else "0",
+        MAX_RUN_HOURS_ENV: str(int(max_run_hours)),
     }
     lines = [f"{name}={shlex.quote(value)}" for name, value in values.items()]
     return "# Written by cloud-init from the Pulumi stack config.\n" + "\n".join(lines) + "\n"
+
+
+def packed(src: str) -> str:
+    """A static file gzipped and base64-encoded for ``write_files`` (``encoding: gz+b64``):
+    the scripts take a third of the room, well inside EC2's 16 KB. No timestamp in the gzip
+    header, so the same file always renders the same user data."""
+    raw = (VM_DIR / src).read_bytes()
+    return base64.b64encode(gzip.compress(raw, compresslevel=9, mtime=0)).decode()
+
+
+def unpacked(entry: dict) -> str:
+    """A ``write_files`` entry's text as it lands on the VM (what the tests compare)."""
+    if entry.get("encoding") == "gz+b64":
+        return gzip.decompress(base64.b64decode(entry["content"])).decode()
+    return entry["content"]
 
 
 def render_user_data(
@@ -72,6 +96,7 @@ def render_user_data(
     api_port: int,
     idle_stop_minutes: int,
     gpu: bool,
+    max_run_hours: int = 0,
 ) -> str:
     """The ``#cloud-config`` document the instance boots with."""
     if not host_private_key.startswith("-----BEGIN OPENSSH PRIVATE KEY-----"):
@@ -79,7 +104,7 @@ def render_user_data(
     if not host_public_key.startswith("ssh-ed25519 "):
         raise ValueError("host_public_key must be an 'ssh-ed25519 AAAA...' line")
     files = [
-        {"path": dest, "permissions": mode, "content": (VM_DIR / src).read_text()}
+        {"path": dest, "permissions": mode, "encoding": "gz+b64", "content": packed(src)}
         for src, dest, mode in STATIC_FILES
     ]
     files.insert(
@@ -87,7 +112,13 @@ def render_user_data(
         {
             "path": IDLE_ENV,
             "permissions": "0644",
-            "content": idle_env(api_port=api_port, idle_stop_minutes=idle_stop_minutes, gpu=gpu),
+            "encoding": "",  # plain text: the settings stay readable in the user data
+            "content": idle_env(
+                api_port=api_port,
+                idle_stop_minutes=idle_stop_minutes,
+                gpu=gpu,
+                max_run_hours=max_run_hours,
+            ),
         },
     )
     document = (
@@ -128,9 +159,10 @@ if __name__ == "__main__":
         render_user_data(
             host_private_key=private,
             host_public_key=public,
-            api_port=8080,
+            api_port=API_PORT,
             idle_stop_minutes=60,
             gpu=False,
+            max_run_hours=12,
         ),
         end="",
     )

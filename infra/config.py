@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 import pulumi
 
-from infra.host import is_world
+from facts import API_PORT
+from infra.training_host import is_world
 
 NAMESPACE = "tinycloud"
 
@@ -35,8 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "deleteVolumeOnDestroy": False,  # false: the volume and its runs outlive `pulumi destroy`
     "allowedCidrs": [],  # who may reach SSH and the API; [] = your public IP /32, looked up
     "openToTheWorld": False,  # true: allow 0.0.0.0/0 and ::/0, i.e. anyone on the internet
-    "apiPort": 8080,  # the inference API (TGI or the native server), 1024-65535
+    "apiPort": API_PORT,  # the inference API (TGI or the native server), 1024-65535
     "idleStopMinutes": 60,  # stop the VM after this long with no job/API/SSH; 0 = never
+    "maxRunHours": 12,  # stop the VM this long after its start, even mid-job; 0 = no cap
     "sshPublicKey": "",  # your own OpenSSH public key; "" = a key pair generated for you
 }
 
@@ -58,6 +60,7 @@ UNSUPPORTED_GPU_FAMILIES = {
 MIN_VOLUME_GB = 20  # the image takes ~3 GB, Docker + PyTorch + a TGI image take ~15 more
 MAX_VOLUME_GB = 16384  # gp3's limit
 MIN_IDLE_MINUTES = 5  # shorter would stop the VM between two `fab` commands
+MAX_RUN_HOURS = 720  # 30 days: a cap above that protects no student's budget
 
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 _GRAVITON_FAMILY = re.compile(r"^[a-z]+\d+[a-z-]*g")  # m7g, t4g, c6gn, x2gd, g5g, ...
@@ -85,6 +88,7 @@ class Settings:
     open_to_the_world: bool
     api_port: int
     idle_stop_minutes: int
+    max_run_hours: int  # 0: no cap
     ssh_public_key: str | None  # None: generate a key pair
 
 
@@ -125,6 +129,7 @@ def load(
         open_to_the_world=open_world,
         api_port=_api_port(raw.integer("apiPort")),
         idle_stop_minutes=_idle_minutes(raw.integer("idleStopMinutes")),
+        max_run_hours=_max_run_hours(raw.integer("maxRunHours")),
         ssh_public_key=_ssh_public_key(raw.string("sshPublicKey")),
     )
 
@@ -256,6 +261,16 @@ def _idle_minutes(value: int) -> int:
         raise ConfigError(
             f"{key('idleStopMinutes')} is {value}, but it must be 0 (never stop) or at least "
             f"{MIN_IDLE_MINUTES}. Fix: {fix}"
+        )
+    return value
+
+
+def _max_run_hours(value: int) -> int:
+    if not 0 <= value <= MAX_RUN_HOURS:
+        raise ConfigError(
+            f"{key('maxRunHours')} is {value}, but it must be 0 (no cap) or 1-{MAX_RUN_HOURS} "
+            "hours: the VM stops itself that long after each start, even mid-job, so a forgotten "
+            f"job cannot run up a bill. Fix: {set_command('maxRunHours', DEFAULTS['maxRunHours'])}"
         )
     return value
 

@@ -1,7 +1,7 @@
 """Wait for a fresh host to finish its first boot (cloud-init), showing progress.
 
-The tinycloud VM's cloud-init writes a ready marker as its very last step (``READY_MARKER`` in
-``infra/cloud_init.py``); until it exists, Docker, uv or the runs folder may be half-installed.
+The tinycloud VM's cloud-init writes a ready marker as its very last step (``VM_READY_MARKER`` in
+``facts.py``); until it exists, Docker, uv or the runs folder may be half-installed.
 ``TINYCLOUD_READY_MARKER`` moves the marker (the tests' stand-in VM uses a temp file).
 """
 
@@ -13,19 +13,18 @@ from collections.abc import Callable
 
 from invoke import Exit
 
-from remote import settings
+from facts import VM_READY_MARKER
+from remote import paths
 from remote.runner import Runner
 
 q = shlex.quote
 
 
 def ready_marker() -> str:
-    override = settings.env("READY_MARKER")
+    override = paths.env("READY_MARKER")
     if override:
         return override
-    from infra.cloud_init import READY_MARKER
-
-    return READY_MARKER
+    return VM_READY_MARKER
 
 
 def cloud_init_status(runner: Runner) -> str:

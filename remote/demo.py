@@ -18,11 +18,11 @@ from pathlib import Path
 
 from invoke import Exit
 
-from remote import settings
+from remote import paths
 from remote.launch import find_run, follow, start_job
 from remote.runner import Runner
 
-DATA = settings.ROOT / "remote" / "jobs" / "data"
+DATA = paths.ROOT / "remote" / "jobs" / "data"
 QUESTION = "What does a language model predict?"
 
 
@@ -61,7 +61,9 @@ def steps(scale: float = 1.0) -> list[Step]:
                 *("--model", pretrain, "--dataset", str(DATA / "instructions.jsonl")),
                 *("--max-steps", n(300), "--batch-size", "8", "--lr", "1e-3"),
                 *("--warmup-steps", n(20), "--logging-steps", n(25), "--eval-steps", n(100)),
-                *("--save-steps", n(100)),
+                # serve the best model by validation loss: on 272 instructions it overfits
+                # before step 300, and the last step's weights are not the best
+                *("--save-steps", n(100), "--keep", "best"),
             ),
         ),
         Step(
@@ -99,7 +101,9 @@ def run_step(runner: Runner, step: Step, index: int, total: int) -> None:
         print("  already running: following it")
     else:
         resume = bool(info and info.get("status"))
-        pid = start_job(runner, step.job, step.name, list(step.flags), resume=resume)
+        pid = start_job(
+            runner, step.job, step.name, list(step.flags), resume=resume, cost_per_hour=0.0
+        )
         print(f"  {'resumed' if resume else 'started'} {step.job} (pid {pid})", flush=True)
     follow(runner, step.name)
     info = find_run(runner, step.name) or {}

@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from remote import settings
-from remote.host import Target, in_cidrs
+from remote import paths
+from remote.target import Target, in_cidrs
 
 # The stack setting that lists who may connect (infra/config.py, `tinycloud:allowedCidrs`).
 ALLOWED_CIDRS_KEY = "tinycloud:allowedCidrs"
@@ -74,7 +74,7 @@ def explain_unreachable(
 
 def lookup_current_ip() -> str | None:
     """This machine's public IP: ``TINYCLOUD_CURRENT_IP`` if set, else asked of AWS's checkip."""
-    override = settings.env("CURRENT_IP")
+    override = paths.env("CURRENT_IP")
     if override:
         return override
     from infra.myip import IpLookupError, current_public_ip

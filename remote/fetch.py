@@ -10,18 +10,16 @@ files. ``run.json`` and ``train.log`` come along unverified (they are not in the
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from invoke import Exit
 
-from remote import settings
+from facts import MANIFEST, RUN_JSON, RUNS_DIR_NAME, TRAIN_LOG, sha256_file
 from remote.runner import Runner
 
-MANIFEST = "manifest.sha256"
-EXTRAS = ("run.json", "train.log")  # useful beside the model, but never in the manifest
+EXTRAS = (RUN_JSON, TRAIN_LOG)  # useful beside the model, but never in the manifest
 
 
 @dataclass
@@ -56,7 +54,7 @@ def parse_manifest(text: str) -> list[tuple[str, str]]:
 
 
 def fetch_run(runner: Runner, name: str, dest: Path) -> FetchReport:
-    src = f"{settings.RUNS_DIR}/{name}"
+    src = f"{RUNS_DIR_NAME}/{name}"
     manifest = runner.read_text(f"{src}/{MANIFEST}")
     if manifest is None:
         raise Exit(
@@ -78,14 +76,14 @@ def _fetch_one(
     runner: Runner, remote: str, local: Path, digest: str, rel: str, report: FetchReport
 ) -> None:
     had_copy = local.exists()
-    if had_copy and sha256(local) == digest:
+    if had_copy and sha256_file(local) == digest:
         report.skipped.append(rel)
         return
     local.parent.mkdir(parents=True, exist_ok=True)
     part = local.with_name(f".{local.name}.part")
     for attempt in (1, 2):
         runner.get(remote, part)
-        if sha256(part) == digest:
+        if sha256_file(part) == digest:
             os.replace(part, local)
             (report.repaired if had_copy else report.fetched).append(rel)
             if attempt == 2:
@@ -93,11 +91,3 @@ def _fetch_one(
             return
     part.unlink(missing_ok=True)
     report.corrupted.append(rel)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()

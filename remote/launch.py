@@ -9,7 +9,6 @@ reads it on the host.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import sys
 import time
@@ -18,15 +17,23 @@ from typing import Any, TextIO
 
 from invoke import Exit
 
-from remote import settings
-from remote.probe import PID_FILE
+from facts import (
+    CONSOLE_LOG,
+    COST_PER_HOUR_ENV,
+    PID_FILE,
+    RUN_NAME_RULE,
+    RUNS_DIR_NAME,
+    RUNS_ENV,
+    TRAIN_LOG,
+    VM_BOOT_LOG,
+    VM_SETTINGS,
+    is_run_name,
+)
+from remote import paths
 from remote.runner import Runner
 
 q = shlex.quote
 JOBS = ("pretrain", "finetune", "evaluate")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-CONSOLE = "console.log"
-TRAIN_LOG = "train.log"
 # Alive and not a zombie; `! grep` is true where there is no /proc (macOS, --target local).
 ALIVE_SH = (
     "alive() {{ kill -0 {pid} 2>/dev/null && ! grep -q ') Z ' /proc/{pid}/stat 2>/dev/null; }}"
@@ -35,10 +42,30 @@ ALIVE_SH = (
 
 def probe(runner: Runner) -> dict[str, Any]:
     """{"runs": [...], "host": {...}} as ``remote/probe.py`` reports it on the target."""
-    source = (Path(__file__).parent / "probe.py").read_text()
     py = "python3" if not runner.local else sys.executable
-    r = runner.sh(f"{q(py)} -c {q(source)} {q(runner.path(settings.RUNS_DIR))}")
+    where = [
+        runner.path(RUNS_DIR_NAME),
+        paths.env("VM_SETTINGS") or VM_SETTINGS,  # the tests' stand-in VM moves these two
+        paths.env("BOOT_LOG") or VM_BOOT_LOG,
+    ]
+    # Absolute paths and no `cd`: a host with no work directory yet (before `fab setup`) has
+    # no runs, which is an answer, not an error.
+    r = runner.run(f"{q(py)} -c {q(probe_script())} {shlex.join(where)}")
     return json.loads(r.stdout)
+
+
+def probe_script() -> str:
+    """``probe.py`` with ``facts.py`` bundled in front, as one ``python3 -c`` program: the host
+    may have none of our code yet (before `fab setup`), and the facts must be the same ones."""
+    facts_source = (paths.ROOT / "facts.py").read_text()
+    probe_source = (Path(__file__).parent / "probe.py").read_text()
+    return (
+        "import sys, types\n"
+        "facts = types.ModuleType('facts')\n"
+        f"exec(compile({facts_source!r}, 'facts.py', 'exec'), facts.__dict__)\n"
+        "sys.modules['facts'] = facts\n"
+        f"exec(compile({probe_source!r}, 'probe.py', 'exec'), {{'__name__': '__main__'}})\n"
+    )
 
 
 def find_run(runner: Runner, name: str) -> dict[str, Any] | None:
@@ -54,8 +81,8 @@ def latest_run(runner: Runner, *, with_model: bool = False) -> dict[str, Any]:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise Exit(f"run name {name!r}: use letters, digits, '.', '_' and '-' only.")
+    if not is_run_name(name):
+        raise Exit(f"run name {name!r}: use {RUN_NAME_RULE}.")
     return name
 
 
@@ -75,26 +102,36 @@ def job_command(
 
 
 def start_job(
-    runner: Runner, job: str, name: str, args: list[str], *, resume: bool = False, nproc: int = 0
+    runner: Runner,
+    job: str,
+    name: str,
+    args: list[str],
+    *,
+    resume: bool = False,
+    nproc: int = 0,
+    cost_per_hour: float | None = None,
 ) -> int:
-    """Launch detached and return its pid; refuse while another process owns the run."""
+    """Launch detached and return its pid; refuse while another process owns the run.
+    ``cost_per_hour`` (USD) reaches the job as TINYCLOUD_COST_PER_HOUR, for its run.json."""
     job_command("python", job, name, args, resume=resume, nproc=nproc)  # bad input: stop now
     check_name(name)
     resume = resume or "--resume" in args
     existing = find_run(runner, name)
     _refuse_clash(name, existing, resume=resume, overwrite="--overwrite" in args)
     argv = job_command(runner.python(), job, name, args, resume=resume, nproc=nproc)
-    run_dir = f"{settings.RUNS_DIR}/{name}"
-    env = f"TINYCLOUD_RUNS={q(runner.path(settings.RUNS_DIR))} PYTHONUNBUFFERED=1"
+    run_dir = f"{RUNS_DIR_NAME}/{name}"
+    env = f"{RUNS_ENV}={q(runner.path(RUNS_DIR_NAME))} PYTHONUNBUFFERED=1"
+    if cost_per_hour is not None:
+        env += f" {COST_PER_HOUR_ENV}={float(cost_per_hour)!r}"
     script = (
         f"mkdir -p {q(run_dir)} || exit 1; {env} setsid nohup {shlex.join(argv)} "
-        f"</dev/null >>{q(run_dir + '/' + CONSOLE)} 2>&1 & "
+        f"</dev/null >>{q(run_dir + '/' + CONSOLE_LOG)} 2>&1 & "
         f"echo $! >{q(run_dir + '/' + PID_FILE)}; echo $!"
     )
     pid = int(runner.sh(script).stdout.strip())
     time.sleep(1.0)  # an unknown flag or a missing file kills it at once: say so now
     if not _alive(runner, pid):
-        tail = runner.sh(f"tail -n 15 {q(run_dir + '/' + CONSOLE)}", warn=True).stdout
+        tail = runner.sh(f"tail -n 15 {q(run_dir + '/' + CONSOLE_LOG)}", warn=True).stdout
         raise Exit(f"{job} {name!r} exited at once. The end of its console log:\n{tail}")
     return pid
 
@@ -129,8 +166,8 @@ def follow(
     False when the job ended before writing a line of it (it refused its input): the end of
     its console log, where the ``error:`` line is, is printed instead."""
     out = out or sys.stdout
-    path = f"{settings.RUNS_DIR}/{name}/{log}"
-    pid_path = f"{settings.RUNS_DIR}/{name}/{PID_FILE}"
+    path = f"{RUNS_DIR_NAME}/{name}/{log}"
+    pid_path = f"{RUNS_DIR_NAME}/{name}/{PID_FILE}"
     offset = 0
     try:
         while True:
@@ -139,8 +176,8 @@ def follow(
                 out.write(chunk)
                 out.flush()
             if not alive and not chunk:
-                if offset == 0 and log != CONSOLE:
-                    console = f"{settings.RUNS_DIR}/{name}/{CONSOLE}"
+                if offset == 0 and log != CONSOLE_LOG:
+                    console = f"{RUNS_DIR_NAME}/{name}/{CONSOLE_LOG}"
                     out.write(runner.sh(f"tail -n 15 {q(console)}", warn=True).stdout)
                 return offset > 0
             time.sleep(poll if alive else 0)

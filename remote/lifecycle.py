@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from remote import settings
+from remote import paths
 
 Progress = Callable[[str], None]
 
@@ -38,6 +38,16 @@ def instance_state(region: str, instance_id: str) -> str:
     """``pending``, ``running``, ``stopping``, ``stopped``, ``terminated``..."""
     with _aws_errors(instance_id):
         return _describe(ec2(region), instance_id)["State"]["Name"]
+
+
+def launch_time(region: str, instance_id: str) -> float | None:
+    """When a running instance last started (epoch seconds; EC2's ``LaunchTime`` is reset by
+    every start); None when it is not running."""
+    with _aws_errors(instance_id):
+        found = _describe(ec2(region), instance_id)
+    if found["State"]["Name"] != "running" or "LaunchTime" not in found:
+        return None
+    return found["LaunchTime"].timestamp()
 
 
 def start(region: str, instance_id: str, progress: Progress = print) -> str:
@@ -85,7 +95,7 @@ def ensure_ready(region: str, instance_id: str, progress: Progress = print) -> N
 
 
 def _wait(client: Any, waiter: str, instance_id: str) -> None:
-    delay = float(settings.env("WAITER_DELAY") or 5)
+    delay = float(paths.env("WAITER_DELAY") or 5)
     attempts = max(1, int(900 / max(delay, 0.1)))  # fifteen minutes, whatever the delay
     client.get_waiter(waiter).wait(
         InstanceIds=[instance_id], WaiterConfig={"Delay": delay, "MaxAttempts": attempts}

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from remote import settings
-from remote.host import Target, write_secret
+from remote import paths
+from remote.target import Target, write_secret
 
 
 def default_prompt_format() -> dict[str, Any]:
@@ -26,13 +26,17 @@ def default_prompt_format() -> dict[str, Any]:
 
 
 def out_dir(target: Target) -> Path:
-    return settings.rendered_dir() / target.state_dir.name
+    return paths.rendered_dir() / target.state_dir.name
 
 
-def render_prompt_script(target: Target, url: str, api_key: str) -> Path:
+def render_prompt_script(
+    target: Target, url: str, api_key: str, prompt_format: dict[str, Any] | None = None
+) -> Path:
+    """prompt.sh, wrapping prompts in ``prompt_format`` (the served model's) unless --raw."""
     from serving.templates import render_prompt_script as render
 
-    path = write_secret(out_dir(target) / "prompt.sh", render(url=url, api_key=api_key))
+    text = render(url=url, api_key=api_key, prompt_format=prompt_format)
+    path = write_secret(out_dir(target) / "prompt.sh", text)
     path.chmod(0o700)
     return path
 

@@ -22,10 +22,13 @@ from typing import Any
 
 from invoke import Context, Exit, Result
 
-from remote import settings
-from remote.host import Target
+from facts import REMOTE_DIR_NAME
+from remote import paths
+from remote.target import Target
 
 q = shlex.quote
+PYTHON_FILE = ".python"  # in the work directory: the interpreter `fab setup` chose, one line
+CONNECT_TIMEOUT_S = 10
 
 
 class Runner:
@@ -76,7 +79,7 @@ class Runner:
 
     def python(self) -> str:
         """The interpreter `fab setup` chose for the jobs."""
-        text = self.read_text(settings.PYTHON_FILE)
+        text = self.read_text(PYTHON_FILE)
         if not text or not text.strip():
             raise Exit("the host has no job environment yet. Run `fab setup` first.")
         return text.strip()
@@ -104,7 +107,7 @@ class LocalRunner(Runner):
         self._ctx = Context()
         self._env = {
             "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(settings.ROOT), os.environ.get("PYTHONPATH")])
+                filter(None, [str(paths.ROOT), os.environ.get("PYTHONPATH")])
             )
         }
 
@@ -122,7 +125,7 @@ class LocalRunner(Runner):
         )
 
     def python(self) -> str:
-        text = self.read_text(settings.PYTHON_FILE)
+        text = self.read_text(PYTHON_FILE)
         return text.strip() if text and text.strip() else sys.executable
 
     def put_bytes(self, data: bytes, rel: str, mode: int = 0o644) -> None:
@@ -145,12 +148,12 @@ class SshRunner(Runner):
     def __init__(self, conn: Any, target: Target):
         self.conn = conn
         self.target = target
-        override = settings.env("REMOTE_DIR")
+        override = paths.env("REMOTE_DIR")
         if override.startswith("/"):
             self.base = override.rstrip("/")
         else:
             home = conn.run('printf %s "$HOME"', hide=True, in_stream=False).stdout.strip()
-            self.base = f"{home}/{override or settings.DEFAULT_REMOTE_DIR}"
+            self.base = f"{home}/{override or REMOTE_DIR_NAME}"
         self._sftp: Any = None
 
     def run(
@@ -179,9 +182,6 @@ class SshRunner(Runner):
             self.sftp.chmod(tmp, mode)
             f.write(data)
         self.sftp.posix_rename(tmp, dest)
-
-    def put_file(self, local: Path, rel: str, mode: int = 0o644) -> None:
-        self.put_bytes(local.read_bytes(), rel, mode)
 
     def get(self, rel: str, local: Path) -> None:
         self.sftp.get(self.path(rel), str(local))
@@ -219,14 +219,10 @@ def _connection(target: Target) -> Any:
         user=target.user,
         port=target.port,
         config=config,
-        connect_timeout=settings.CONNECT_TIMEOUT_S,
+        connect_timeout=CONNECT_TIMEOUT_S,
         connect_kwargs=kwargs,
     )
     if target.known_hosts and target.known_hosts.is_file():
         conn.client.load_host_keys(str(target.known_hosts))
     conn.client.set_missing_host_key_policy(RejectPolicy())
     return conn
-
-
-def put_text(runner: Runner, text: str, rel: str, mode: int = 0o644) -> None:
-    runner.put_bytes(text.encode(), rel, mode)

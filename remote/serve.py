@@ -21,16 +21,18 @@ from typing import Any
 
 from invoke import Exit
 
-from remote import settings
-from remote.host import Target, write_secret
+from facts import API_KEY_ENV
 from remote.runner import Runner
+from remote.target import Target, write_secret
 
 q = shlex.quote
-ENV_FILE = f"{settings.SERVE_DIR}/serve.env"
-PID_FILE = f"{settings.SERVE_DIR}/server.pid"
-LOG_FILE = f"{settings.SERVE_DIR}/server.log"
-LAUNCH_SCRIPT = f"{settings.SERVE_DIR}/launch_gpt2.sh"
-UNIT_PATH = f"/etc/systemd/system/{settings.SERVICE_NAME}.service"
+SERVE_DIR = "serve"  # in the work directory: the env file, pid, log, rendered launch script
+SERVICE_NAME = "tinycloud-serve"  # the systemd unit of the native engine
+ENV_FILE = f"{SERVE_DIR}/serve.env"
+PID_FILE = f"{SERVE_DIR}/server.pid"
+LOG_FILE = f"{SERVE_DIR}/server.log"
+LAUNCH_SCRIPT = f"{SERVE_DIR}/launch_gpt2.sh"
+UNIT_PATH = f"/etc/systemd/system/{SERVICE_NAME}.service"
 HAS_SYSTEMD = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null && sudo -n true"
 
 
@@ -93,14 +95,14 @@ def _systemd_quote(arg: str) -> str:
 def start_native(runner: Runner, argv: list[str], key: str) -> str:
     """Start (or restart) the native server; how it is kept running, in words."""
     stop_servers(runner)
-    runner.put_bytes(f"{settings.SERVER_API_KEY_ENV}={key}\n".encode(), ENV_FILE, 0o600)
+    runner.put_bytes(f"{API_KEY_ENV}={key}\n".encode(), ENV_FILE, 0o600)
     if not runner.local and runner.run(HAS_SYSTEMD, warn=True).ok:
         user = runner.run("id -un").stdout.strip()
         unit = systemd_unit(argv, user=user, workdir=runner.base, env_file=runner.path(ENV_FILE))
-        runner.put_bytes(unit.encode(), f"{settings.SERVE_DIR}/{settings.SERVICE_NAME}.service")
-        name = settings.SERVICE_NAME
+        runner.put_bytes(unit.encode(), f"{SERVE_DIR}/{SERVICE_NAME}.service")
+        name = SERVICE_NAME
         runner.sh(
-            f"sudo -n install -m 0644 {settings.SERVE_DIR}/{name}.service {UNIT_PATH} && "
+            f"sudo -n install -m 0644 {SERVE_DIR}/{name}.service {UNIT_PATH} && "
             f"sudo -n systemctl daemon-reload && sudo -n systemctl enable --quiet {name} && "
             f"sudo -n systemctl restart {name}"
         )
@@ -139,7 +141,7 @@ def stop_servers(runner: Runner) -> None:
     next `/health` check in place of the new one (`systemctl --now` and `docker rm -f` wait by
     themselves; the restart loop's process group is waited for here, then killed).
     """
-    name = settings.SERVICE_NAME
+    name = SERVICE_NAME
     from serving.constants import DEFAULT_CONTAINER_NAME
 
     runner.sh(
@@ -171,7 +173,7 @@ def wait_healthy(runner: Runner, port: int, timeout: float, progress: Any = prin
         if now - start > timeout:
             tail = runner.sh(
                 f"tail -n 25 {LOG_FILE} 2>/dev/null || "
-                f"sudo -n journalctl -u {settings.SERVICE_NAME} -n 25 --no-pager",
+                f"sudo -n journalctl -u {SERVICE_NAME} -n 25 --no-pager",
                 warn=True,
             ).stdout
             raise Exit(

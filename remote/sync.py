@@ -10,7 +10,7 @@ Both steps do nothing when nothing changed, so `fab setup` is cheap to run again
   CUDA wheels where uv finds an NVIDIA driver, torch at its locked version either way
   (``--torch-backend pypi``: PyPI's build, as locked). ``remote.jobs.lockcheck`` then checks
   every pin on the host. Skipped while the stamp ``.venv/.tinycloud-stamp`` matches; any change
-  (uv.lock, backend, trackers, the host's Python) rebuilds it from scratch. ``--python PATH``
+  (uv.lock, backend, optional groups, the host's Python) rebuilds it from scratch. ``--python PATH``
   (or ``TINYCLOUD_PYTHON``) uses an existing interpreter instead and builds nothing;
   ``TINYCLOUD_UV`` names the uv binary on the host when it is not on PATH.
 """
@@ -29,28 +29,39 @@ from pathlib import Path
 
 from invoke import Exit
 
-from remote import settings
-from remote.runner import Runner, SshRunner
+from facts import sha256_file
+from remote import paths
+from remote.runner import PYTHON_FILE, Runner, SshRunner
 
 q = shlex.quote
+
+# What `fab setup` ships: the job code, the serving code, the shared facts, and the empty package
+# marker that makes `python -m remote.jobs.pretrain` importable without the control side.
+SYNC_DIRS = ("remote/jobs", "serving")
+SYNC_FILES = ("facts.py", "remote/__init__.py")
+SYNC_EXCLUDES = ("__pycache__", "*.pyc", ".pytest_cache")
+# Files in the work directory on the host.
+REQUIREMENTS_FILE = "requirements.txt"  # the pins `fab setup` installed (from uv.lock)
+GROUPS_FILE = ".groups"  # the optional groups `fab setup --groups` added, one a line
+ENV_STAMP = ".venv/.tinycloud-stamp"  # digest of what the environment was built from
 UV_ON_HOST = '"$(command -v uv || echo "$HOME/.local/bin/uv")"'  # cloud-init puts uv on PATH
 
 
 def local_files() -> dict[str, Path]:
     """Relative path -> file, for everything `fab setup` ships."""
-    files = {rel: settings.ROOT / rel for rel in settings.SYNC_FILES}
-    for top in settings.SYNC_DIRS:
-        for dirpath, dirs, names in os.walk(settings.ROOT / top):
+    files = {rel: paths.ROOT / rel for rel in SYNC_FILES}
+    for top in SYNC_DIRS:
+        for dirpath, dirs, names in os.walk(paths.ROOT / top):
             dirs[:] = [d for d in dirs if not _excluded(d)]
             for n in names:
                 if not _excluded(n):
                     path = Path(dirpath) / n
-                    files[path.relative_to(settings.ROOT).as_posix()] = path
+                    files[path.relative_to(paths.ROOT).as_posix()] = path
     return dict(sorted(files.items()))
 
 
 def _excluded(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, pat) for pat in settings.SYNC_EXCLUDES)
+    return any(fnmatch.fnmatch(name, pat) for pat in SYNC_EXCLUDES)
 
 
 def sync_code(runner: Runner, method: str = "auto") -> list[str]:
@@ -69,8 +80,8 @@ def sync_code(runner: Runner, method: str = "auto") -> list[str]:
 def rsync(runner: SshRunner) -> list[str]:
     t = runner.target
     ssh = shlex.join(t.ssh_argv("-o", "BatchMode=yes")[:-1])  # rsync appends user@host
-    excludes = [f"--exclude={pat}" for pat in settings.SYNC_EXCLUDES]
-    sources = [*settings.SYNC_FILES, *(f"{d}/" for d in settings.SYNC_DIRS)]
+    excludes = [f"--exclude={pat}" for pat in SYNC_EXCLUDES]
+    sources = [*SYNC_FILES, *(f"{d}/" for d in SYNC_DIRS)]
     runner.run(f"mkdir -p {q(runner.base)}")
     cmd = [
         "rsync",
@@ -84,7 +95,7 @@ def rsync(runner: SshRunner) -> list[str]:
         *sources,
         f"{t.user}@{t.host}:{runner.base}/",
     ]
-    proc = subprocess.run(cmd, cwd=settings.ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=paths.ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise Exit(f"rsync to {t.host} failed: {proc.stderr.strip()}. Retry with --sync sftp.")
     changed = []
@@ -97,21 +108,21 @@ def rsync(runner: SshRunner) -> list[str]:
 
 def sftp_sync(runner: SshRunner) -> list[str]:
     """Compare sha256 digests and upload only what differs; delete what the checkout lost."""
-    local = {rel: _sha256(p) for rel, p in local_files().items()}
+    local = {rel: sha256_file(p) for rel, p in local_files().items()}
     remote = _remote_digests(runner)
     send = [rel for rel, digest in local.items() if remote.get(rel) != digest]
-    tops = tuple(f"{d}/" for d in settings.SYNC_DIRS)
+    tops = tuple(f"{d}/" for d in SYNC_DIRS)
     gone = [rel for rel in remote if rel not in local and rel.startswith(tops)]
     for rel in send:
-        mode = 0o755 if os.access(settings.ROOT / rel, os.X_OK) else 0o644
-        runner.put_bytes((settings.ROOT / rel).read_bytes(), rel, mode)
+        mode = 0o755 if os.access(paths.ROOT / rel, os.X_OK) else 0o644
+        runner.put_bytes((paths.ROOT / rel).read_bytes(), rel, mode)
     if gone:
         runner.sh("rm -f " + " ".join(q(g) for g in gone))
     return send + [f"deleted {g}" for g in gone]
 
 
 def _remote_digests(runner: Runner) -> dict[str, str]:
-    tops = " ".join(q(p) for p in (*settings.SYNC_DIRS, *settings.SYNC_FILES))
+    tops = " ".join(q(p) for p in (*SYNC_DIRS, *SYNC_FILES))
     r = runner.sh(
         f"find {tops} -type f ! -path '*/__pycache__/*' ! -name '*.pyc' "
         "-exec sha256sum {} + 2>/dev/null; true"
@@ -124,28 +135,29 @@ def _remote_digests(runner: Runner) -> dict[str, str]:
     return digests
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # --- the environment ---------------------------------------------------------------------------
 
 ENV_GROUPS = ("train", "serve")  # the dependency groups every host needs (pyproject.toml)
-TRACKERS = ("tensorboard", "mlflow", "wandb")  # optional groups: `fab setup --track NAME`
+# Optional groups on the host (`fab setup --groups a,b`): JupyterLab for `fab notebook`, and the
+# experiment trackers for `finetune --report-to`. Every other group (dev) stays on this side.
+OPTIONAL_GROUPS = ("notebook", "tensorboard", "mlflow", "wandb")
 PYPI = "pypi"  # --torch-backend pypi: torch exactly as uv.lock has it (PyPI's CUDA build)
 # torch's CUDA runtime on Linux: uv.lock holds PyPI's, a --torch-backend build brings its own.
 TORCH_RUNTIME = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")
 
 
-def requested_trackers(runner: Runner, track: str) -> tuple[str, ...]:
-    """--track a,b (or ``none``); without it, what an earlier `fab setup --track` added."""
-    text = track if track else (runner.read_text(settings.TRACK_FILE) or "")
+def requested_groups(runner: Runner, groups: str) -> tuple[str, ...]:
+    """--groups a,b (or ``none``); without it, what an earlier `fab setup --groups` added."""
+    text = groups if groups else (runner.read_text(GROUPS_FILE) or "")
     names = tuple(dict.fromkeys(n.strip() for n in text.replace("\n", ",").split(",") if n.strip()))
     if names == ("none",):
         return ()
-    unknown = [n for n in names if n not in TRACKERS]
+    unknown = [n for n in names if n not in OPTIONAL_GROUPS]
     if unknown:
-        raise Exit(f"--track {','.join(unknown)}: choose from {', '.join(TRACKERS)} (or none).")
+        raise Exit(
+            f"--groups {','.join(unknown)}: choose from {', '.join(OPTIONAL_GROUPS)} "
+            "(comma-separated), or none to drop them."
+        )
     return names
 
 
@@ -159,7 +171,7 @@ def locked_requirements(groups: tuple[str, ...], torch_backend: str) -> str:
     argv = ["uv", "export", "--frozen", "--format", "requirements.txt", "--no-emit-project"]
     argv += ["--no-header", "--no-annotate", *(f"--only-group={g}" for g in groups)]
     try:
-        done = subprocess.run(argv, cwd=settings.ROOT, capture_output=True, text=True)
+        done = subprocess.run(argv, cwd=paths.ROOT, capture_output=True, text=True)
     except FileNotFoundError:
         raise Exit(
             "`fab setup` reads uv.lock with uv, which is not on PATH here. Install it "
@@ -198,7 +210,7 @@ def host_python(runner: Runner) -> tuple[str, str]:
     environment is built on it, never on a downloaded interpreter."""
     from packaging.specifiers import SpecifierSet
 
-    project = tomllib.loads((settings.ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((paths.ROOT / "pyproject.toml").read_text())["project"]
     wanted = SpecifierSet(project["requires-python"])
     r = runner.run(
         "command -v python3 && python3 -c 'import platform; print(platform.python_version())'",
@@ -217,37 +229,37 @@ def host_python(runner: Runner) -> tuple[str, str]:
 
 
 def ensure_env(
-    runner: Runner, *, python: str = "", torch_backend: str = "auto", track: str = ""
+    runner: Runner, *, python: str = "", torch_backend: str = "auto", groups: str = ""
 ) -> str:
     """Make sure the host has an interpreter with the job dependencies; what was done.
 
     The environment holds exactly what uv.lock pins for the train and serve groups (and the
-    trackers asked for), on the host's own python3; it is rebuilt from scratch whenever that
-    set changes (a new uv.lock, another backend, another tracker), and checked afterwards.
+    optional groups asked for), on the host's own python3; it is rebuilt from scratch whenever
+    that set changes (a new uv.lock, another backend, another group), and checked afterwards.
     """
-    python = python or settings.env("PYTHON")
+    python = python or paths.env("PYTHON")
     if python or runner.local:
         return use_interpreter(runner, python or runner.python())
-    trackers = requested_trackers(runner, track)
-    reqs = locked_requirements((*ENV_GROUPS, *trackers), torch_backend)
+    extra = requested_groups(runner, groups)
+    reqs = locked_requirements((*ENV_GROUPS, *extra), torch_backend)
     base, version = host_python(runner)
     stamp = hashlib.sha256(f"{torch_backend}\n{base} {version}\n{reqs}".encode()).hexdigest()
     venv_python = runner.path(".venv/bin/python")
-    runner.put_bytes("".join(f"{t}\n" for t in trackers).encode(), settings.TRACK_FILE)
-    current = runner.read_text(settings.ENV_STAMP)
+    runner.put_bytes("".join(f"{g}\n" for g in extra).encode(), GROUPS_FILE)
+    current = runner.read_text(ENV_STAMP)
     if (
         current
         and current.strip() == stamp
         and runner.sh(f"test -x {q(venv_python)}", warn=True).ok
     ):
         use_interpreter(runner, venv_python, check=False)
-        return f"environment up to date (uv.lock, Python {version}{_with(trackers)})"
-    runner.put_bytes(reqs.encode(), settings.REQUIREMENTS_FILE)
-    uv = q(settings.env("UV")) if settings.env("UV") else UV_ON_HOST
+        return f"environment up to date (uv.lock, Python {version}{_with(extra)})"
+    runner.put_bytes(reqs.encode(), REQUIREMENTS_FILE)
+    uv = q(paths.env("UV")) if paths.env("UV") else UV_ON_HOST
     backend = "" if torch_backend == PYPI else f"--torch-backend {q(torch_backend)} "
     r = runner.sh(
         f"rm -rf .venv && {uv} venv --no-python-downloads --python {q(base)} .venv && "
-        f"{uv} pip install --python .venv/bin/python {backend}-r {settings.REQUIREMENTS_FILE}",
+        f"{uv} pip install --python .venv/bin/python {backend}-r {REQUIREMENTS_FILE}",
         hide=False,
         warn=True,
     )
@@ -256,22 +268,20 @@ def ensure_env(
             "building the environment failed (output above). uv comes from cloud-init on a "
             "tinycloud host; elsewhere install it (https://docs.astral.sh/uv/) or pass --python."
         )
-    check = runner.sh(
-        f"{q(venv_python)} -m remote.jobs.lockcheck {settings.REQUIREMENTS_FILE}", warn=True
-    )
+    check = runner.sh(f"{q(venv_python)} -m remote.jobs.lockcheck {REQUIREMENTS_FILE}", warn=True)
     if not check.ok:
         raise Exit(f"the environment does not match uv.lock:\n{check.stdout}{check.stderr}")
     print(check.stdout.strip())
-    runner.put_bytes(f"{stamp}\n".encode(), settings.ENV_STAMP)
+    runner.put_bytes(f"{stamp}\n".encode(), ENV_STAMP)
     use_interpreter(runner, venv_python, check=False)
     return (
         f"environment built from uv.lock (Python {version}, "
-        f"torch backend: {torch_backend}{_with(trackers)})"
+        f"torch backend: {torch_backend}{_with(extra)})"
     )
 
 
-def _with(trackers: tuple[str, ...]) -> str:
-    return f", with {', '.join(trackers)}" if trackers else ""
+def _with(groups: tuple[str, ...]) -> str:
+    return f", with {', '.join(groups)}" if groups else ""
 
 
 def use_interpreter(runner: Runner, python: str, check: bool = True) -> str:
@@ -280,5 +290,5 @@ def use_interpreter(runner: Runner, python: str, check: bool = True) -> str:
         r = runner.sh(f"{q(python)} -c 'import sys; print(sys.version.split()[0])'", warn=True)
         if not r.ok:
             raise Exit(f"--python {python}: it does not run on the host ({r.stderr.strip()}).")
-    runner.put_bytes(f"{python}\n".encode(), settings.PYTHON_FILE)
+    runner.put_bytes(f"{python}\n".encode(), PYTHON_FILE)
     return f"using {python} (no environment build)"

@@ -9,7 +9,7 @@
     fab stop / fab start                   # stop paying for compute; come back later
 
 Every task that touches the host takes --target/--stack/--host/--user/--key (or the
-TINYCLOUD_* environment variables, see remote/settings.py); `--target local` runs the same
+TINYCLOUD_* environment variables, see remote/paths.py); `--target local` runs the same
 jobs on this machine without SSH. Heavy modules (boto3, Jinja2 templates) load inside the
 tasks that need them, so `fab --list` stays instant; torch is never imported here.
 """
@@ -25,11 +25,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from invoke import Collection, Exit, task
+from invoke import Collection, Exit
 
-from remote import settings
-from remote.host import Target, resolve
+from facts import API_PORT, RUNS_DIR_NAME, Output
+from remote import paths
+from remote.cli import task
 from remote.runner import Runner, connect
+from remote.target import Target, resolve
 
 HOST_HELP = {
     "target": "remote (default) or local: this machine, no SSH  [TINYCLOUD_TARGET]",
@@ -69,11 +71,11 @@ def _aws(fn: Any, *args: Any) -> Any:
 
 
 @task(
-    auto_shortflags=False,
     help=_help(
         python="use this interpreter on the host and build no environment",
         torch_backend="auto (CUDA where uv finds a driver), cpu, cu126... or pypi (as uv.lock)",
-        track="add experiment trackers for --report-to: tensorboard,mlflow,wandb (none: drop)",
+        groups="add optional groups: notebook (fab notebook), tensorboard, mlflow, wandb "
+        "(--report-to); comma-separated, none: drop them",
         sync="how to ship code: auto (rsync if both ends have it), rsync or sftp",
         wait="seconds to wait for the first boot (cloud-init) to finish",
     ),
@@ -82,7 +84,7 @@ def setup(
     c,
     python="",
     torch_backend="auto",
-    track="",
+    groups="",
     sync="auto",
     wait=900,
     target="",
@@ -107,11 +109,11 @@ def setup(
         _aws(ensure_ready, where.region, where.instance_id)
     with connect(where) as runner:
         if not where.local:
-            required = where.from_stack or bool(settings.env("READY_MARKER"))
+            required = where.from_stack or bool(paths.env("READY_MARKER"))
             wait_for_boot(runner, required=required, timeout=wait)
         changed = sync_code(runner, sync)
         print(f"code: {len(changed)} file(s) updated" + _listing(changed))
-        built = ensure_env(runner, python=python, torch_backend=torch_backend, track=track)
+        built = ensure_env(runner, python=python, torch_backend=torch_backend, groups=groups)
         print(f"python: {built}")
         print(f"ready: {'this machine' if where.local else where.host}:{runner.base}")
 
@@ -127,7 +129,6 @@ def _listing(paths: list[str], most: int = 10) -> str:
 
 
 @task(
-    auto_shortflags=False,
     positional=["job"],
     help=_help(
         job="pretrain, finetune or evaluate",
@@ -158,6 +159,7 @@ def train(
     fab train finetune --name ft --args "--model runs/pre/model --dataset alpaca-1k"
     A dropped connection never stops it; a second job on the same run is refused.
     """
+    from remote.costs import job_rate
     from remote.launch import follow as follow_log
     from remote.launch import start_job
 
@@ -166,8 +168,11 @@ def train(
     except ValueError as err:
         raise Exit(f"--args {args!r}: {err}. Quote it as one shell word.") from None
     name = name or _pop_flag(job_flags, "--name") or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with _session(target, stack, host, user, key) as (_where, runner):
-        pid = start_job(runner, job, name, job_flags, resume=resume, nproc=nproc)
+    with _session(target, stack, host, user, key) as (where, runner):
+        rate = job_rate(where)  # USD/hour into the job's run.json: 0 here, the stack's on a VM
+        pid = start_job(
+            runner, job, name, job_flags, resume=resume, nproc=nproc, cost_per_hour=rate
+        )
         print(f"started {job} {name!r} (pid {pid}) in {runner.path('runs/' + name)}")
         if follow and not follow_log(runner, name):
             raise Exit(f"{job} {name!r} ended before its run started (its console log above).")
@@ -187,18 +192,34 @@ def _pop_flag(args: list[str], flag: str) -> str:
     return ""
 
 
-@task(auto_shortflags=False, help=_help())
-def runs(c, target="", stack="", host="", user="", key=""):
-    """List the runs on the host with their state."""
-    from remote.launch import probe
-    from remote.report import runs_table
+@task(
+    iterable=["compare"],
+    help=_help(
+        compare="runs to put side by side, comma-separated: --compare ft-100,ft-500 "
+        "(a table, and a PNG plot drawn on the host)",
+        plot="where to save the comparison plot (default: runs/compare_A_vs_B.png)",
+    ),
+)
+def runs(c, compare=None, plot="", target="", stack="", host="", user="", key=""):
+    """List the runs with their state, time and cost; --compare puts chosen runs side by side.
 
+    fab runs --compare ft-100,ft-500,ft-1000   # data size, steps, time, tokens/s, val loss, cost
+    """
+    from remote import compare as cmp
+    from remote.launch import probe
+    from remote.report import compare_table, runs_table
+
+    wanted = cmp.names(compare) if compare else []
     with _session(target, stack, host, user, key) as (_where, runner):
-        print(runs_table(probe(runner)["runs"]))
+        if not wanted:
+            print(runs_table(probe(runner)["runs"]))
+            return
+        print(compare_table(cmp.pick(runner, wanted)))
+        out = Path(plot) if plot else cmp.default_plot(paths.local_runs_dir(), wanted)
+        print(f"plot: {cmp.plot(runner, wanted, out)}")
 
 
 @task(
-    auto_shortflags=False,
     help=_help(
         run="the run (default: the latest)",
         follow="keep printing until the job ends",
@@ -210,36 +231,44 @@ def logs(
     c, run="", follow=False, console=False, lines=40, target="", stack="", host="", user="", key=""
 ):
     """Show a run's train.log (or --console output); --follow streams it."""
-    from remote.launch import CONSOLE, TRAIN_LOG, latest_run
+    from facts import CONSOLE_LOG, TRAIN_LOG
     from remote.launch import follow as follow_log
+    from remote.launch import latest_run
 
-    log = CONSOLE if console else TRAIN_LOG
+    log = CONSOLE_LOG if console else TRAIN_LOG
     with _session(target, stack, host, user, key) as (_where, runner):
         name = run or latest_run(runner)["name"]
         if follow:
             follow_log(runner, name, log)
             return
-        path = f"{settings.RUNS_DIR}/{name}/{log}"
+        path = f"{RUNS_DIR_NAME}/{name}/{log}"
         r = runner.sh(f"tail -n {int(lines)} {shlex.quote(path)}", warn=True)
         if not r.ok:
             raise Exit(f"no {log} for run {name!r} yet. `fab runs` lists the runs.")
         print(r.stdout, end="")
 
 
-@task(auto_shortflags=False, help=_help())
+@task(help=_help())
 def status(c, target="", stack="", host="", user="", key=""):
-    """Each run's state, step, loss, tokens/s and ETA; the host's CPU, memory and disk."""
+    """Each run's state, step, loss, tokens/s, time, cost and ETA; the host; what it has cost.
+
+    Under the runs: the host's CPU, memory and disk; the VM's running time and cost since its
+    last start; the stack's total since `pulumi up`; and when the run-time cap stops the VM.
+    """
+    from remote import costs
     from remote.launch import probe
     from remote.report import host_line, status_table
 
-    with _session(target, stack, host, user, key) as (_where, runner):
+    with _session(target, stack, host, user, key) as (where, runner):
         report = probe(runner)
-        print(status_table(report["runs"]))
-        print(host_line(report["host"]))
+    print(status_table(report["runs"]))
+    print(host_line(report["host"]))
+    for line in costs.vm_lines(report["host"], costs.rates(where)):
+        print(line)
+    costs.save_boots(where, report["host"])
 
 
 @task(
-    auto_shortflags=False,
     positional=["run"],
     help=_help(run="the run to stop", grace="seconds to let it save a checkpoint before SIGKILL"),
 )
@@ -253,7 +282,6 @@ def cancel(c, run, grace=30, target="", stack="", host="", user="", key=""):
 
 
 @task(
-    auto_shortflags=False,
     positional=["run"],
     help=_help(run="the run to download", dest="where to put it (default: runs/<run>)"),
 )
@@ -266,7 +294,7 @@ def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
     from remote.launch import check_name
 
     name = check_name(run)
-    out = Path(dest) if dest else settings.local_runs_dir() / name
+    out = Path(dest) if dest else paths.local_runs_dir() / name
     with _session(target, stack, host, user, key) as (_where, runner):
         report = fetch_run(runner, name, out)
     for rel in report.repaired:
@@ -285,7 +313,6 @@ def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
 
 
 @task(
-    auto_shortflags=False,
     help=_help(
         run="the run whose model/ to serve (default: the latest with a model)",
         engine="native (python -m serving.server) or tgi (Docker, launch_gpt2.sh)",
@@ -327,8 +354,8 @@ def serve(
         info = find_run(runner, run) if run else latest_run(runner, with_model=True)
         if not info or not info["has_model"]:
             raise Exit(f"run {run!r} has no model/ on the host yet. `fab status` shows the runs.")
-        model_dir = runner.path(f"{settings.RUNS_DIR}/{info['name']}/model")
-        port = int(port) or (settings.API_PORT if where.local else where.api_port)
+        model_dir = runner.path(f"{RUNS_DIR_NAME}/{info['name']}/model")
+        port = int(port) or (API_PORT if where.local else where.api_port)
         api_key = srv.api_key(where)
         how = _start_engine(runner, where, engine, model_dir, port, bind, quantize, api_key)
         print(f"serving {info['name']} with {how}")
@@ -388,21 +415,24 @@ def _api_url(where: Target, port: int) -> str:
         return f"http://127.0.0.1:{port}"
     if port == where.api_port:
         return where.api_url
-    return f"http://{where.outputs.get('public_dns') or where.host}:{port}"
+    return f"http://{where.outputs.get(Output.PUBLIC_DNS) or where.host}:{port}"
 
 
 def _render_clients(where: Target, url: str, api_key: str, fmt: dict | None) -> Path:
     from remote.render import render_chat_page, render_prompt_script
 
-    script = render_prompt_script(where, url, api_key)
+    script = render_prompt_script(where, url, api_key, fmt)
     page = render_chat_page(where, url, api_key, fmt)
-    print(f'prompt script: {script}   (./{script.name} "Name three colors." 50)')
+    if fmt:
+        how = f'./{script.name} "Name three colors." 50; --raw skips the prompt format'
+    else:
+        how = f'./{script.name} "The quick brown fox" 20; no prompt format: sent as typed'
+    print(f"prompt script: {script}   ({how})")
     print(f"chat page:     {page}   (fab chat opens it)")
     return page
 
 
 @task(
-    auto_shortflags=False,
     positional=["text"],
     help=_help(
         text="what to ask",
@@ -432,7 +462,6 @@ def prompt(
 
 
 @task(
-    auto_shortflags=False,
     help=_help(
         open="open the page in the default browser (--no-open: print its path)",
         url="API base URL to bind the page to (default: what `fab serve` served)",
@@ -453,13 +482,28 @@ def chat(c, open=True, url="", target="", stack="", host="", user="", key=""):
             print("no browser found here; open the file above by hand")
 
 
-@task(auto_shortflags=False, help=_help(local_port="port on this machine (default: the API port)"))
+@task(help=_help(local_port="port on this machine (default: the API port)"))
 def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
     """Forward the API port over SSH, for when it is closed to the internet. Ctrl-C ends it."""
     where = resolve(target, stack, host, user, key)
     if where.local:
         raise Exit("--target local needs no tunnel: the API is already on 127.0.0.1.")
     local = int(local_port) or where.api_port
+    print(
+        f"forwarding http://127.0.0.1:{local} -> {where.host}:{where.api_port} "
+        f'(fab prompt --url http://127.0.0.1:{local} "..."); Ctrl-C to stop',
+        flush=True,
+    )
+    code = _forward(where, local, where.api_port)
+    if code is not None and code != 0:
+        raise Exit(f"the tunnel ended (ssh exit {code}); run `fab tunnel` again.", code=code)
+
+
+def _forward(where: Target, local: int, remote: int) -> int | None:
+    """ssh -L 127.0.0.1:local -> the host's 127.0.0.1:remote until it ends (its exit code) or
+    Ctrl-C / SIGTERM here (None), with the same key and pinned host key as every task."""
+    from remote.foreground import run_until_stopped
+
     argv = where.ssh_argv(
         "-N",
         "-o",
@@ -471,22 +515,70 @@ def tunnel(c, local_port=0, target="", stack="", host="", user="", key=""):
         "-o",
         "ServerAliveCountMax=4",
         "-L",
-        f"127.0.0.1:{local}:127.0.0.1:{where.api_port}",
+        f"127.0.0.1:{int(local)}:127.0.0.1:{int(remote)}",
     )
-    print(
-        f"forwarding http://127.0.0.1:{local} -> {where.host}:{where.api_port} "
-        f'(fab prompt --url http://127.0.0.1:{local} "..."); Ctrl-C to stop',
-        flush=True,
-    )
-    from remote.foreground import run_until_stopped
+    return run_until_stopped(argv)
 
-    code = run_until_stopped(argv)
-    if code is not None and code != 0:
-        raise Exit(f"the tunnel ended (ssh exit {code}); run `fab tunnel` again.", code=code)
+
+def _free_local_port(first: int) -> int:
+    """``first``, or the next port free on this machine's loopback: a laptop often has its own
+    Jupyter on 8888 already."""
+    import socket
+
+    for port in range(first, first + 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise Exit(f"no free port from {first} to {first + 99} here; pass --local-port N.")
 
 
 @task(
-    auto_shortflags=False,
+    help=_help(
+        stop="stop the notebook server (and its kernels) and exit",
+        port="the server's port on the host's 127.0.0.1 (default 8888)",
+        local_port="port on this machine for the tunnel (default: --port, or the next free)",
+    ),
+)
+def notebook(c, stop=False, port=0, local_port=0, target="", stack="", host="", user="", key=""):
+    """JupyterLab on the host in the job environment, through an SSH tunnel. Ctrl-C ends it.
+
+    The server keeps running detached (notebooks, kernels and jobs in them too) until
+    `fab notebook --stop`; run `fab notebook` again to reconnect. It listens on the host's
+    127.0.0.1 only and wants the token in the printed URL. Ships notebooks/course.ipynb.
+    """
+    from remote import notebook as nb
+    from remote.costs import job_rate
+
+    where = resolve(target, stack, host, user, key)
+    port = int(port) or nb.PORT
+    with connect(where) as runner:
+        if stop:
+            print("stopped the notebook server" if nb.stop(runner) else "no notebook server ran")
+            return
+        how = nb.start(runner, port=port, key=nb.token(where), cost_per_hour=job_rate(where))
+        base = runner.path(nb.NOTEBOOKS)
+    local = port if where.local else int(local_port) or _free_local_port(port)
+    url = f"http://127.0.0.1:{local}/lab/tree/{nb.NOTEBOOKS}/course.ipynb?token={nb.token(where)}"
+    print(f"JupyterLab {how}: notebooks in {base}")
+    if where.local:
+        print(f"open {url}")
+        print("it keeps running; stop it with `fab notebook --stop --target local`")
+        return
+    print(f"open {url}")
+    print(
+        "Ctrl-C ends the tunnel; the server keeps running (`fab notebook` reconnects, "
+        "`fab notebook --stop` stops it)",
+        flush=True,
+    )
+    code = _forward(where, local, port)
+    if code is not None and code != 0:
+        raise Exit(f"the tunnel ended (ssh exit {code}); run `fab notebook` again.", code=code)
+
+
+@task(
     help=_help(open="open an interactive shell instead of printing the command"),
 )
 def ssh(c, open=False, target="", stack="", host="", user="", key=""):
@@ -504,10 +596,25 @@ def ssh(c, open=False, target="", stack="", host="", user="", key=""):
         raise Exit(code=code)
 
 
+@task(help=_help())
+def doctor(c, target="", stack="", host="", user="", key=""):
+    """Pre-flight checks on one screen, each ✓ or ✗ with the exact fix (? = could not tell).
+
+    Pulumi CLI, backend login, stack, passphrase and outputs; AWS credentials, region and
+    the vCPU quota for the instance type; your IP in allowedCidrs; key and known_hosts; the
+    instance running, the VM reachable, booted and set up. Changes nothing.
+    """
+    from remote.doctor import diagnose, report
+
+    failed = report(diagnose(target, stack, host, user, key))
+    if failed:
+        raise Exit(f"{failed} check(s) failed: fix the first ✗, then run `fab doctor` again.")
+
+
 # --- instance lifecycle ------------------------------------------------------------------------
 
 
-@task(auto_shortflags=False, help={"stack": HOST_HELP["stack"]})
+@task(help={"stack": HOST_HELP["stack"]})
 def start(c, stack=""):
     """Start the stopped instance and wait for it (running, status checks ok)."""
     from remote.lifecycle import start as start_instance
@@ -517,20 +624,46 @@ def start(c, stack=""):
     print(f"{where.instance_id} is running at {dns or where.host} (same address: Elastic IP)")
 
 
-@task(auto_shortflags=False, help={"stack": HOST_HELP["stack"]})
+@task(help={"stack": HOST_HELP["stack"]})
 def stop(c, stack=""):
-    """Stop the instance: compute billing stops, the disk and its runs stay."""
+    """Stop the instance: compute billing stops, the disk and its runs stay. Says what it cost.
+
+    Before stopping it reads the VM's uptime and boot log (over SSH, when it answers), so it
+    can say what this start and the whole stack have cost, and what a stopped VM still costs.
+    """
+    from remote import costs
+    from remote.lifecycle import launch_time
     from remote.lifecycle import stop as stop_instance
 
     where = _aws_target(stack)
+    launched = _aws(launch_time, where.region, where.instance_id)
+    host = _host_report(where) if launched is not None else {}
     state = _aws(stop_instance, where.region, where.instance_id)
     print(f"{where.instance_id} is {state}. `fab start` brings it back.")
+    for line in costs.spent_lines(where, host, launched):
+        print(line)
+
+
+def _host_report(where: Target) -> dict:
+    """The host part of the probe, or {} when the VM does not answer (then `fab stop` says
+    what it knows from EC2 and the last boot log it read)."""
+    from remote import costs
+    from remote.launch import probe
+
+    try:
+        with connect(where) as runner:
+            host = probe(runner)["host"]
+    except Exit as why:
+        print(f"(could not read the VM's boot log: {str(why.message).splitlines()[0]})")
+        return {}
+    costs.save_boots(where, host)
+    return host
 
 
 def _aws_target(stack: str) -> Target:
-    from remote.host import stack_target
+    from remote.target import stack_target
 
-    where = stack_target(stack or settings.env("STACK"))
+    where = stack_target(stack or paths.env("STACK"))
     if not (where.instance_id and where.region):
         raise Exit("the stack outputs name no instance_id/region. Run `pulumi up` first.")
     return where
@@ -540,7 +673,6 @@ def _aws_target(stack: str) -> Target:
 
 
 @task(
-    auto_shortflags=False,
     help={
         "fresh": "forget the demo's earlier runs and start again",
         "scale": "multiply every step count by this (0.05: a one-minute smoke run)",
@@ -574,7 +706,7 @@ def demo(c, fresh=False, scale="1", port=0, question=""):
     url = load_served(where)["url"]
     question = question or d.QUESTION
     answer = generate(url, api_key(where), format_prompt(question), 48)["generated_text"]
-    page = settings.rendered_dir() / where.state_dir.name / "chat.html"
+    page = paths.rendered_dir() / where.state_dir.name / "chat.html"
     print(
         "\ntinycloud demo is up\n"
         f"  chat page   {page}   (open it, or `fab chat --target local`)\n"
@@ -597,8 +729,10 @@ ns = Collection(
     prompt,
     chat,
     tunnel,
+    notebook,
     ssh,
     start,
     stop,
     demo,
+    doctor,
 )

@@ -10,6 +10,12 @@ short forward pass written out below, against a preallocated cache of ``slots`` 
 - ``move(src, dst, length)`` keeps the live slots packed at the front (continuous batching: a
   request joins or leaves between any two steps).
 
+LoRA adapters (``add_adapter``) ride on the same weights, as TGI's multi-LoRA does: each sequence
+names its adapter (0: none), and a projection an adapter changes gets ``(x @ A) @ B`` added for
+that adapter's rows only, so sequences of the base and of several adapters decode in one batch
+and the base's weights are read once per step. A batch with no adapter in it runs the plain
+path, unchanged.
+
 ``--quantize int8``: GPT-2's projections are ``transformers`` ``Conv1D`` modules, which
 ``torch.ao.quantization.quantize_dynamic`` skips, so they become ``nn.Linear`` first; then every
 Linear (the LM head too) gets int8 weights. On a memory-bound CPU that is most of the win.
@@ -25,14 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facts import PROMPT_FORMAT_FILE
 from serving import constants as C
+from serving import memory
+
+# The projections of a GPT-2 block a LoRA adapter may change (peft's names under
+# ``transformer.h.<layer>``): c_attn by default, all four with ``target_modules="all-linear"``.
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 @dataclass
 class LoadedModel:
-    """Everything the engine and /info need about the model being served."""
+    """Everything the engine and /info need about one served model (or adapter)."""
 
-    runner: Any  # GPT2Runner
+    runner: Any  # GPT2Runner; an adapter shares its base's
     tokenizer: Any
     model_id: str
     dtype: str  # what /info reports as model_dtype
@@ -42,11 +54,16 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     quantize: str | None
     prompt_format: dict[str, Any] | None
+    adapter: int = 0  # the runner's LoRA adapter this id decodes with (0: the weights alone)
+    base_id: str | None = None  # an adapter's base: the id (or source) of the model beneath it
+    memory_bytes: int = 0  # what this id added: weights (+ KV cache), or the adapter's A and B
+    kind: str = "model"  # "model" (its own weights) or "adapter" (LoRA over base_id)
 
     def describe(self) -> str:
+        over = f", LoRA over {self.base_id}" if self.kind == "adapter" else ""
         return (
             f"{self.model_id}: dtype {self.dtype}, device {self.device}, "
-            f"context {self.max_total_tokens}, eos {sorted(self.eos_token_ids)}"
+            f"context {self.max_total_tokens}, eos {sorted(self.eos_token_ids)}{over}"
         )
 
 
@@ -101,7 +118,7 @@ def quantize_int8(model: Any) -> Any:
 
 
 def read_prompt_format(model_dir: Path) -> dict[str, Any] | None:
-    path = model_dir / C.PROMPT_FORMAT_FILE
+    path = model_dir / PROMPT_FORMAT_FILE
     if not path.is_file():
         return None
     try:
@@ -142,6 +159,8 @@ def load_model(
     hf.to(device)
     n_ctx = int(cfg.n_positions)
     eos = _eos_ids(hf, tokenizer)
+    shape = memory.shape_of(cfg.to_dict())
+    planned = memory.weight_bytes(shape, quantize) + memory.kv_bytes(shape, slots)
     return LoadedModel(
         runner=GPT2Runner(hf, slots=slots, max_len=n_ctx),
         tokenizer=tokenizer,
@@ -153,13 +172,28 @@ def load_model(
         eos_token_ids=eos,
         quantize=quantize,
         prompt_format=read_prompt_format(path) if path.is_dir() else None,
+        memory_bytes=planned,
     )
 
 
 def _eos_ids(hf: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
     gen = getattr(hf, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+    return _ids(getattr(gen, "eos_token_id", None), tokenizer.eos_token_id)
+
+
+def eos_ids_of(model_dir: Path, tokenizer: Any) -> frozenset[int]:
+    """The EOS ids a directory's generation_config.json and tokenizer name (for an adapter's
+    run, which has no weights of its own to load a generation config with)."""
+    try:
+        gen = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        gen = {}
+    return _ids(gen.get("eos_token_id") if isinstance(gen, dict) else None, tokenizer.eos_token_id)
+
+
+def _ids(*values: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in values:
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list | tuple):
@@ -195,20 +229,44 @@ class GPT2Runner:
         self.v = torch.zeros(shape, device=device)
         self.arange = torch.arange(max_len, device=device)
         self.device = device
+        # LoRA adapters: per adapter, (layer, target) -> (A (in, r), B (r, out), scale folded in)
+        self.adapters: list[dict[tuple[int, str], tuple[Any, Any]]] = [{}]  # 0: no adapter
+
+    def add_adapter(self, deltas: dict[tuple[int, str], tuple[Any, Any]]) -> int:
+        """Add a LoRA adapter (``lora.read_adapter``'s deltas); the index sequences name it by."""
+        for (layer, target), (a, b) in deltas.items():
+            module = self.blocks[layer].get_submodule(target)
+            n_in, n_out = _in_out(module)
+            if a.shape[0] != n_in or b.shape[1] != n_out:
+                raise ValueError(
+                    f"the adapter's layer {layer} {target} maps {a.shape[0]} -> {b.shape[1]} "
+                    f"features; this model's maps {n_in} -> {n_out}: it was trained on another "
+                    "base model"
+                )
+        on_device = {k: (a.to(self.device), b.to(self.device)) for k, (a, b) in deltas.items()}
+        self.adapters.append(on_device)
+        return len(self.adapters) - 1
 
     # -- the three operations the engine uses ---------------------------------------------------
 
-    def prefill(self, slot: int, ids: list[int], *, all_logits: bool = False) -> Any:
-        """Run a prompt in ``slot``; logits of the last position (or of every position)."""
+    def prefill(
+        self, slot: int, ids: list[int], *, all_logits: bool = False, adapter: int = 0
+    ) -> Any:
+        """Run a prompt in ``slot`` (with LoRA ``adapter``, 0 for none); logits of the last
+        position (or of every position)."""
         import torch
         import torch.nn.functional as F
 
         with torch.inference_mode():
             t = len(ids)
             idx = torch.tensor(ids, device=self.device)
+            lora = [(self.adapters[adapter], None)] if adapter else None
             x = self.wte(idx) + self.wpe(self.arange[:t])  # (T, E)
             for layer, blk in enumerate(self.blocks):
-                q, k, v = self._qkv(blk, x, t)  # (T, H, D) each
+                if lora is None:
+                    q, k, v = self._qkv(blk, x, t)  # (T, H, D) each
+                else:
+                    q, k, v = self._qkv_lora(blk, x, t, layer, lora)
                 k, v = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
                 self.k[layer, slot, :, :t] = k
                 self.v[layer, slot, :, :t] = v
@@ -219,12 +277,17 @@ class GPT2Runner:
                     is_causal=True,
                     scale=self.scales[layer],
                 )  # (1, H, T, D)
-                x = self._finish_block(blk, x, a.squeeze(0).transpose(0, 1).reshape(t, -1))
+                a = a.squeeze(0).transpose(0, 1).reshape(t, -1)
+                if lora is None:
+                    x = self._finish_block(blk, x, a)
+                else:
+                    x = self._finish_block_lora(blk, x, a, layer, lora)
             x = x if all_logits else x[-1:]
             return self.lm_head(self.ln_f(x)).float()
 
-    def decode(self, tokens: Any, positions: Any) -> Any:
-        """Advance slots ``0..B-1`` by one token each: ``tokens[b]`` sits at ``positions[b]``."""
+    def decode(self, tokens: Any, positions: Any, adapters: list[int] | None = None) -> Any:
+        """Advance slots ``0..B-1`` by one token each: ``tokens[b]`` sits at ``positions[b]``
+        and decodes with LoRA adapter ``adapters[b]`` (None: no adapter in the batch)."""
         import torch
         import torch.nn.functional as F
 
@@ -233,9 +296,13 @@ class GPT2Runner:
             span = int(positions.max()) + 1
             rows = self.arange[:b]
             mask = (self.arange[:span].unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
+            lora = self._lora_rows(adapters) if adapters else None
             x = self.wte(tokens) + self.wpe(positions)  # (B, E)
             for layer, blk in enumerate(self.blocks):
-                q, k, v = self._qkv(blk, x, b)  # (B, H, D)
+                if lora is None:
+                    q, k, v = self._qkv(blk, x, b)  # (B, H, D)
+                else:
+                    q, k, v = self._qkv_lora(blk, x, b, layer, lora)
                 ck, cv = self.k[layer], self.v[layer]
                 ck[rows, :, positions] = k
                 cv[rows, :, positions] = v
@@ -246,8 +313,17 @@ class GPT2Runner:
                     attn_mask=mask,
                     scale=self.scales[layer],
                 )  # (B, H, 1, D)
-                x = self._finish_block(blk, x, a.reshape(b, -1))
+                if lora is None:
+                    x = self._finish_block(blk, x, a.reshape(b, -1))
+                else:
+                    x = self._finish_block_lora(blk, x, a.reshape(b, -1), layer, lora)
             return self.lm_head(self.ln_f(x)).float()
+
+    def clear(self, slot: int) -> None:
+        """Zero a slot whose sequence failed: a NaN left behind would reach the next sequence
+        there through masked attention (0 * NaN is NaN)."""
+        self.k[:, slot].zero_()
+        self.v[:, slot].zero_()
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache from one slot to another (to keep live slots packed)."""
@@ -263,6 +339,63 @@ class GPT2Runner:
     def _finish_block(self, blk: Any, x: Any, attn: Any) -> Any:
         x = x + blk.attn.c_proj(attn)
         return x + blk.mlp.c_proj(self.act(blk.mlp.c_fc(blk.ln_2(x))))
+
+    # -- the same with LoRA adapters --------------------------------------------------------------
+
+    def _lora_rows(self, adapters: list[int]) -> Lora | None:
+        """Which rows of the batch each adapter in it decodes (None: no adapter at all)."""
+        import torch
+
+        used = sorted(set(adapters) - {0})
+        if not used:
+            return None
+        if len(used) == 1 and len(adapters) == adapters.count(used[0]):
+            return [(self.adapters[used[0]], None)]  # every row: no gather, no scatter
+        return [
+            (
+                self.adapters[i],
+                torch.tensor([r for r, a in enumerate(adapters) if a == i], device=self.device),
+            )
+            for i in used
+        ]
+
+    def _qkv_lora(self, blk: Any, x: Any, n: int, layer: int, lora: Lora) -> tuple[Any, Any, Any]:
+        h = blk.ln_1(x)
+        y = _plus_lora(blk.attn.c_attn(h), h, layer, "attn.c_attn", lora)
+        return y.view(n, 3, self.n_head, self.head_dim).unbind(1)
+
+    def _finish_block_lora(self, blk: Any, x: Any, attn: Any, layer: int, lora: Lora) -> Any:
+        x = x + _plus_lora(blk.attn.c_proj(attn), attn, layer, "attn.c_proj", lora)
+        h = blk.ln_2(x)
+        u = self.act(_plus_lora(blk.mlp.c_fc(h), h, layer, "mlp.c_fc", lora))
+        return x + _plus_lora(blk.mlp.c_proj(u), u, layer, "mlp.c_proj", lora)
+
+
+# Per adapter in a batch: its deltas, and the rows it decodes (None: every row).
+Lora = list[tuple[dict[tuple[int, str], tuple[Any, Any]], Any]]
+
+
+def _plus_lora(y: Any, h: Any, layer: int, target: str, lora: Lora) -> Any:
+    """``y`` (a projection of ``h``) plus each adapter's ``(h @ A) @ B`` on its own rows."""
+    for deltas, rows in lora:
+        ab = deltas.get((layer, target))
+        if ab is None:
+            continue
+        a, b = ab
+        if rows is None:  # every row has this adapter
+            y = y + (h @ a) @ b
+            continue
+        y = y.index_add(0, rows, (h.index_select(0, rows) @ a) @ b)
+    return y
+
+
+def _in_out(module: Any) -> tuple[int, int]:
+    """Input and output features of a projection: a ``Conv1D`` (weight in x out), an
+    ``nn.Linear`` (out x in) or a dynamically quantized Linear."""
+    if hasattr(module, "in_features"):
+        return int(module.in_features), int(module.out_features)
+    n_in, n_out = module.weight.shape
+    return int(n_in), int(n_out)
 
 
 def _activation(name: str) -> Any:

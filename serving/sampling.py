@@ -1,15 +1,25 @@
 """Choosing the next token from one row of logits, as TGI's ``NextTokenChooser`` does.
 
-Order: repetition penalty (on prompt and output, HF/TGI style), OpenAI-style frequency and
-presence penalties (on the output), then temperature, top-k, top-p and typical-p. Greedy unless
-sampling was asked for (``do_sample``, or any of the warpers set). The reported log-probability is
-the chosen token's under the final, renormalized distribution, as TGI reports it.
+Order (TGI's): watermark, repetition penalty (on prompt and output, HF/TGI style),
+OpenAI-style frequency and presence penalties (on the output), the grammar's mask, then
+temperature, top-k, top-p and typical-p. Greedy unless sampling was asked for (``do_sample``,
+or any of the warpers set). The reported log-probability is the chosen token's under the final,
+renormalized distribution, and ``top_n`` alternatives come from that same distribution, as TGI
+reports them.
+
+Every step stays finite whatever the (validated) parameters: a temperature of 1.4e-45 (the
+smallest positive float32, which TGI accepts) divides logits shifted to a maximum of 0, so the
+distribution collapses onto the top token instead of turning into inf - inf = NaN; penalties
+are clamped to float32's range. A failure that still happens ends only its own sequence
+(engine.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from serving import constants as C
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    watermark: bool = False
 
     @property
     def sampling(self) -> bool:
@@ -43,6 +54,28 @@ class SamplingParams:
         )
 
 
+@dataclass(frozen=True)
+class Choice:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (id, logprob) of the most likely tokens; [] unless asked
+
+
+def watermark(logits: Any, previous: int) -> Any:
+    """TGI's ``WatermarkLogitsProcessor`` (Kirchenbauer et al.): a green list of half the
+    vocabulary, drawn from the previous token, gets a bonus of 2."""
+    import torch
+
+    g = torch.Generator(device=logits.device).manual_seed(C.WATERMARK_HASH_KEY * previous)
+    vocab = logits.shape[0]
+    green = torch.randperm(vocab, device=logits.device, generator=g)[
+        : int(vocab * C.WATERMARK_GAMMA)
+    ]
+    logits = logits.clone()
+    logits[green] += C.WATERMARK_DELTA
+    return logits
+
+
 def apply_penalties(
     logits: Any, params: SamplingParams, context: list[int], generated: list[int]
 ) -> Any:
@@ -61,7 +94,9 @@ def apply_penalties(
         ).to(logits.dtype)
         logits -= params.frequency_penalty * counts
         logits -= params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+    # an extreme penalty (1.4e-45 or 3.4e38) overflows: keep every logit a finite float32
+    biggest = torch.finfo(logits.dtype).max
+    return torch.nan_to_num_(logits, nan=-biggest, posinf=biggest, neginf=-biggest)
 
 
 def choose(
@@ -70,21 +105,34 @@ def choose(
     generator: Any,
     context: list[int],
     generated: list[int],
-) -> tuple[int, float]:
-    """(token id, log-probability) for one row of logits."""
+    *,
+    allowed: Any = None,
+    top_n: int = 0,
+) -> Choice:
+    """The next token for one row of logits. ``allowed``: the grammar's boolean mask over the
+    vocabulary (None: every token); ``top_n``: how many alternatives to report."""
     import torch
 
+    if params.watermark:
+        logits = watermark(logits, (generated or context)[-1])
     if params.penalized:
         logits = apply_penalties(logits, params, context, generated)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if not params.sampling:
         logprobs = torch.log_softmax(logits, dim=-1)
         token = int(torch.argmax(logits))
-        return token, float(logprobs[token])
-    scores = logits / params.temperature if params.temperature != 1.0 else logits
+        top = top_tokens(logprobs, None, top_n) if top_n else []
+        return Choice(token, float(logprobs[token]), top)
+    scores = logits
     if params.top_k > 0 and params.top_k < scores.shape[0]:
         scores, ids = torch.topk(scores, params.top_k)  # sorted, descending
     else:
         ids = None
+    if params.temperature != 1.0:
+        # top-k commutes with a positive temperature; shifting to a max of 0 keeps a tiny
+        # temperature from overflowing (x / 1.4e-45 = inf, and inf - inf = NaN)
+        scores = (scores - scores.max()) / params.temperature
     if params.top_p < 1.0 or params.typical_p < 1.0:
         if ids is None:
             scores, ids = torch.sort(scores, descending=True)
@@ -93,7 +141,28 @@ def choose(
     logprobs = torch.log_softmax(scores, dim=-1)
     pick = int(torch.multinomial(logprobs.exp(), 1, generator=generator))
     token = int(ids[pick]) if ids is not None else pick
-    return token, float(logprobs[pick])
+    top = top_tokens(logprobs, ids, top_n) if top_n else []
+    return Choice(token, float(logprobs[pick]), top)
+
+
+def top_tokens(logprobs: Any, ids: Any, n: int) -> list[tuple[int, float]]:
+    """TGI's ``batch_top_tokens``: the ``n`` likeliest, and every token tied with the n-th;
+    tokens the warpers removed (log-probability -inf) are never among them."""
+    import torch
+
+    k = min(n, logprobs.shape[0])
+    values, index = torch.topk(logprobs, k)
+    nth = float(values[-1])
+    if nth == float("-inf"):
+        nth = torch.finfo(logprobs.dtype).min
+    ties = int((logprobs >= nth).sum())
+    if ties > k:
+        values, index = torch.topk(logprobs, ties)
+    keep = values > float("-inf")
+    values, index = values[keep], index[keep]
+    if ids is not None:
+        index = ids[index]
+    return list(zip(index.tolist(), values.tolist(), strict=True))
 
 
 def _nucleus(sorted_scores: Any, top_p: float) -> Any:

@@ -12,9 +12,11 @@ a template ever prints a value without it, so nothing unquoted can slip into a s
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import jinja2
@@ -121,8 +123,35 @@ def render_launch_script(
     )
 
 
-def render_prompt_script(*, url: str, api_key: str | None) -> str:
-    """``prompt.sh "<prompt>" [max_new_tokens]`` against the server at ``url``."""
+# The fields of a prompt format prompt.sh uses (remote/jobs/prompts.py writes them all).
+PROMPT_FORMAT_FIELDS = ("system", "separator", "user_prefix", "user_suffix")
+
+
+def prompt_format_json(prompt_format: dict[str, Any] | None) -> str:
+    """The prompt format as one line of JSON for the script, or "" for none; a format that
+    lacks what the script needs is refused here, not discovered as a garbled prompt later."""
+    if prompt_format is None:
+        return ""
+    if not isinstance(prompt_format, dict):
+        raise ValueError(f"prompt_format must be a dict, got {type(prompt_format).__name__}")
+    fields = {k: prompt_format.get(k, "") for k in PROMPT_FORMAT_FIELDS}
+    bad = [k for k, v in fields.items() if not isinstance(v, str)]
+    if bad or not (fields["user_prefix"] or fields["user_suffix"]):
+        raise ValueError(
+            f"prompt_format needs string fields {', '.join(PROMPT_FORMAT_FIELDS)} (user_prefix "
+            f"and user_suffix at least); got {prompt_format!r}. Use the model's prompt_format.json."
+        )
+    return json.dumps(fields, ensure_ascii=True)
+
+
+def render_prompt_script(
+    *, url: str, api_key: str | None, prompt_format: dict[str, Any] | None = None
+) -> str:
+    """``prompt.sh [--raw] "<prompt>" [max_new_tokens]`` against the server at ``url``.
+
+    With ``prompt_format`` (the served model's ``prompt_format.json``) the prompt is wrapped in
+    it, as `fab prompt` and the chat page do; ``--raw`` sends it as typed. Without one, always
+    as typed."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"url must look like http://HOST:PORT, got {url!r}")
@@ -133,4 +162,5 @@ def render_prompt_script(*, url: str, api_key: str | None) -> str:
         url=url.rstrip("/"),
         api_key=api_key or "",
         default_max_new_tokens=DEFAULT_PROMPT_MAX_NEW_TOKENS,
+        prompt_format=prompt_format_json(prompt_format),
     )

@@ -6,6 +6,8 @@
   (sshd, Chromium, cloud-init, shellcheck), so a skip there means something is broken.
 - ``tiny_model_dir``: a 2-layer GPT-2 with a BPE tokenizer trained on the fly, saved as a
   complete Hugging Face directory with the chat template; built once per session.
+- ``tiny_lora_dir``: a LoRA "run" over it, saved by finetune's own ``save_model`` (the merged
+  model, and its adapter in ``model/adapter/``); built once per session.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from facts import FinishReason
 
 _HF_HOME = tempfile.mkdtemp(prefix="tinycloud-hf-")
 os.environ.update(
@@ -205,6 +209,27 @@ def build_tiny_model(out: Path, *, n_positions: int = 256, seed: int = 0) -> Pat
     return out
 
 
+def build_lora_run(base: Path, out: Path, *, targets: str | None = None, seed: int = 0) -> Path:
+    """A LoRA fine-tune of ``base`` as finetune saves it (``save_model``: merged weights in
+    ``out``, the adapter in ``out/adapter``), with random B matrices so the adapter changes the
+    model (peft starts B at zero). ``targets``: None for peft's default (c_attn), or
+    "all-linear"."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from remote.jobs.models import lora_config, save_model
+
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(base), lora_config(4, 8, targets))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    save_model(model, AutoTokenizer.from_pretrained(base), out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
@@ -232,8 +257,13 @@ def chat_in_chromium(page: Path, url: str, screenshot: Path) -> None:
                 timeout=60_000,
             )
             finish = tab.locator("#log .assistant .finish").last.text_content()
-            assert finish in {"length", "eos_token", "stop_sequence"}, finish
+            assert finish in set(FinishReason), finish
             tab.screenshot(path=str(screenshot))
             assert not dialogs
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return build_lora_run(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora") / "model")

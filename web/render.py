@@ -5,6 +5,11 @@
 
 or from a shell: ``python -m web --url http://HOST:PORT [--api-key KEY] --out chat.html``.
 
+The page is built from source files: ``chat.html.j2`` (the markup), ``chat/chat.css`` and the
+scripts in ``chat/`` (listed in ``SCRIPTS``, in the order they run). Their text is inlined as it
+is, so the result is one file that needs nothing else; the scripts are plain files that ESLint
+checks and Node's test runner tests (tests/web/js/, run by tests/web/test_js.py).
+
 Every value reaches the page through one JSON block (``|tojson`` escapes ``<``, ``>``, ``&`` and
 ``'``, so a ``</script>`` in a value cannot close it) or through HTML autoescaping; the page's
 script reads the JSON block and never builds HTML from data. A Content-Security-Policy with a
@@ -22,8 +27,29 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
 
 TEMPLATE_NAME = "chat.html.j2"
+SOURCE_DIR = Path(__file__).resolve().parent / "chat"
+STYLE = "chat.css"
+# The page's script, in the order it runs: each module hands its exports to the `tinycloud`
+# namespace the template declares (under Node, to module.exports); app.js, last, wires the page.
+SCRIPTS = (
+    "sse.js",
+    "api.js",
+    "tokens.js",
+    "prompt.js",
+    "settings.js",
+    "transcript.js",
+    "columns.js",
+    "comparison.js",
+    "tokenview.js",
+    "view.js",
+    "markdown.js",
+    "app.js",
+)
+# Text that would end the inline element early or switch the HTML parser into another state.
+_CLOSERS = {"script": re.compile(r"</script|<!--", re.I), "style": re.compile(r"</style", re.I)}
 
 # The fields of a prompt format (see remote/jobs/prompts.py, which owns the values). The page
 # builds: system + separator + (user_prefix + user + user_suffix + reply + eos + separator)*
@@ -38,6 +64,21 @@ _env = Environment(
     undefined=StrictUndefined,
     keep_trailing_newline=True,
 )
+
+
+def inline_source(name: str, element: str) -> Markup:
+    """A source file's text to inline as it is in a ``<script>`` or ``<style>`` element; refused
+    if it holds what would close that element (a ``</script>`` in a string, say) — split such a
+    string in the source (``"<" + "/script>"``)."""
+    text = (SOURCE_DIR / name).read_text(encoding="utf-8")
+    found = _CLOSERS[element].search(text)
+    if found:
+        line = text.count("\n", 0, found.start()) + 1
+        raise ValueError(
+            f"web/chat/{name}:{line} contains {found.group()!r}, which would end the page's "
+            f"<{element}> element there; split the string in the source"
+        )
+    return Markup(text)  # noqa: S704 - our own source, checked above; not a value from outside
 
 
 def normalize_url(url: str) -> str:
@@ -121,4 +162,6 @@ def render_chat_page(
         url=base,
         connect_src=connect,
         nonce=secrets.token_urlsafe(18),
+        style=inline_source(STYLE, "style"),
+        scripts=[(name, inline_source(name, "script")) for name in SCRIPTS],
     )

@@ -52,6 +52,7 @@ systemctl enable --now tinycloud-activity.service
 if [ "$TINYCLOUD_IDLE_MINUTES" -gt 0 ]; then
     systemctl enable --now tinycloud-idle.timer
 fi
+systemctl enable --now tinycloud-cap.timer # the boot log, and the maxRunHours cap
 
 date -u +%Y-%m-%dT%H:%M:%SZ >"$TINYCLOUD_STATE/ready"
 echo "tinycloud-bootstrap: ready"

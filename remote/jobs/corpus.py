@@ -26,15 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from remote.jobs.dataset import TEXT_FILE_BUILDERS, open_dataset
 from remote.jobs.errors import JobError
-from remote.jobs.presets import LOCAL_BUILDERS
 
 SHIPPED_CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
 VAL_FRACTION = 0.1  # the course's 90/10 split
 SPLIT_RULE = "v1"  # part of the cache key: bump it if split_documents changes
-# Local data files `--hf-dataset` accepts, and the `datasets` builder that reads each: the ones
-# finetune reads (presets.py), and plain text, one row a line.
-DATA_FILE_TYPES = {**LOCAL_BUILDERS, ".txt": "text"}
 
 log = logging.getLogger("tinycloud.corpus")
 
@@ -91,34 +88,12 @@ def read_hf_dataset(name: str, column: str, split: str = "train") -> list[Docume
 
 
 def _load_dataset(name: str, split: str):
-    import datasets
-
-    path = Path(name)
-    try:
-        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-            return ds
-        if path.is_file():
-            builder = DATA_FILE_TYPES.get(path.suffix.lower())
-            if builder is None:
-                raise JobError(
-                    f"cannot read {name!r}: use a .jsonl, .json, .csv, .parquet or .txt file, "
-                    f"a save_to_disk folder, or a Hugging Face dataset id"
-                )
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        return datasets.load_dataset(name, split=split)
-    except JobError:
-        raise
-    except KeyError:
-        raise JobError(f"dataset {name!r} has no split {split!r}. Pass --hf-split") from None
-    except Exception as exc:  # the Hub, a cache, a parser: all say why in their first line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    splits = open_dataset(name, builders=TEXT_FILE_BUILDERS)
+    if split not in splits:
         raise JobError(
-            f"could not load dataset {name!r} ({first}). Check the id (it needs network access "
-            f"once), or point --hf-dataset at a local .jsonl/.csv/.parquet file"
-        ) from None
+            f"dataset {name!r} has no split {split!r}; it has: {', '.join(splits)}. Pass --hf-split"
+        )
+    return splits[split]
 
 
 def _non_empty(docs: list[Document], where: str) -> list[Document]:

@@ -8,8 +8,9 @@
     torchrun --nproc_per_node=2 -m remote.jobs.evaluate --model runs/sft-1/model --base gpt2
 
 Writes a run directory (``runs/<name>/``): ``report.md`` (a summary table, then one row per
-prompt with every model's answer in its own column), ``report.jsonl`` (one row per answer),
-``metrics.jsonl`` (one summary row per model), ``run.json`` and ``manifest.sha256``.
+prompt with every model's answer in its own column; eval_report.py lays it out),
+``report.jsonl`` (one row per answer), ``metrics.jsonl`` (one summary row per model),
+``run.json`` and ``manifest.sha256``.
 
 Every answer records why it ended (TGI's ``finish_reason``: ``eos_token`` when the model stopped
 by itself, ``length`` when it was cut off) and its length in tokens: a fine-tune that learned
@@ -17,13 +18,13 @@ to stop shows ``eos_token`` where the base model shows ``length``.
 
 Prompts come from ``--prompts FILE`` (``.txt``: one instruction per line, ``#`` comments;
 ``.jsonl``: instruction/input rows), from ``--dataset`` (a preset, file or hub id, via
-presets.py; a reference answer column is added when the rows have one), or by default from the
+dataset.py; a reference answer column is added when the rows have one), or by default from the
 shipped ``remote/jobs/data/eval_prompts.txt``. Each is formatted with prompts.format_prompt,
 unless ``--raw-prompts`` (for a pretrained model that never saw the format).
 
 ``--eval-data`` scores each model on held-out rows: the loss on the answer tokens only, as
 fine-tuning trains, and its perplexity ``exp(loss)``. It takes the same ``--limit``/``--seed``
-as ``finetune`` and uses presets.load_splits, so it scores the very rows that run held out.
+as ``finetune`` and uses dataset.load_splits, so it scores the very rows that run held out.
 Loss is per token of each model's own tokenizer: compare models that share one.
 
 Under torchrun every rank loads the models and answers every N-th prompt and scores every N-th
@@ -34,22 +35,24 @@ the answers an interrupted run already wrote to report.jsonl.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facts import FinishReason, RunKey, RunState
 from remote.jobs import dist as distlib
 from remote.jobs import rundir
+from remote.jobs.dataset import Rows
 from remote.jobs.errors import Interrupted, JobError
+from remote.jobs.eval_report import BASE, TUNED, PromptRow, Report, number, render_report
 from remote.jobs.flags import opt, parse
-from remote.jobs.generation import EOS, Answer, RewardModel, Settings
+from remote.jobs.generation import Answer, RewardModel, Settings
 from remote.jobs.guard import Guard
 from remote.jobs.models import pick_device
 from remote.jobs.prompts import format_prompt
@@ -60,7 +63,6 @@ log = logging.getLogger("tinycloud.evaluate")
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_PROMPTS = DATA / "eval_prompts.txt"
 REPORT_MD, REPORT_JSONL = "report.md", "report.jsonl"
-BASE, TUNED = "base", "fine-tuned"  # column labels, in table order
 RAW_PREFIX_WORDS = 12  # words of a plain-text row used as its prompt (the rest is the reference)
 
 
@@ -113,7 +115,7 @@ class Config:
         )
 
 
-def check_config(c: Config) -> str | None:
+def check_config(c: Config, given: set[str] | None = None) -> str | None:
     if not c.model:
         return "--model is required: the model dir to test (e.g. runs/<run>/model)"
     if c.prompts and c.dataset:
@@ -150,6 +152,11 @@ class Prompt:
         """What a reward model reads as the human turn."""
         return "\n\n".join(filter(None, (self.instruction, self.input)))
 
+    def row(self, raw: bool) -> PromptRow:
+        """As the report shows it: the question, or with --raw-prompts the text as sent."""
+        shown = self.text if raw and self.text is not None else self.question()
+        return PromptRow(shown, self.reference)
+
 
 def read_prompt_file(path: Path) -> list[Prompt]:
     if not path.is_file():
@@ -173,8 +180,8 @@ def read_prompt_file(path: Path) -> list[Prompt]:
 
 
 def prompt_from_row(kind: str, row: dict[str, str], eos: str) -> Prompt | None:
-    """A dataset row (presets.py fields) as a prompt plus the answer the data gives."""
-    from remote.jobs.presets import parse_dialogue, render_turns
+    """A dataset row (dataset.py fields) as a prompt plus the answer the data gives."""
+    from remote.jobs.dataset import parse_dialogue, render_turns
 
     if kind == "instruction":
         return Prompt(row["instruction"], row.get("input", ""), row.get("output", ""))
@@ -201,7 +208,7 @@ def draw_prompts(c: Config) -> list[Prompt]:
     else:
         import random
 
-        from remote.jobs.presets import load_rows
+        from remote.jobs.dataset import load_rows
 
         rows = load_rows(c.dataset, limit=c.limit, columns=c.columns)
         picked = [prompt_from_row(rows.kind, r, "") for r in rows.rows]
@@ -215,29 +222,7 @@ def draw_prompts(c: Config) -> list[Prompt]:
     return prompts
 
 
-# --- Markdown --------------------------------------------------------------------------------
-
-
-def md_cell(text: Any) -> str:
-    """Text safe inside one Markdown table cell, shown as text: HTML escaped (a model may
-    write tags), pipes escaped (they would split the cell), newlines as <br>."""
-    s = html.escape(str(text), quote=False).replace("\\", "\\\\").replace("|", "\\|")
-    s = s.replace("\r\n", "\n").replace("\r", "\n").strip().replace("\n", "<br>")
-    return s or "*(empty)*"
-
-
-def md_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
-    align = align or ["---"] * len(header)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def answer_cell(a: Answer) -> str:
-    notes = [a.finish_reason, f"{a.new_tokens} tokens"]
-    if a.reward is not None:
-        notes.append(f"reward {a.reward:.3f}")
-    return f"{md_cell(a.text)}<br>*({' · '.join(notes)})*"
+# --- numbers -----------------------------------------------------------------------------------
 
 
 def summarize(answers: list[Answer], loss: tuple[float, int] | None) -> dict[str, Any]:
@@ -246,7 +231,7 @@ def summarize(answers: list[Answer], loss: tuple[float, int] | None) -> dict[str
     rewards = [a.reward for a in answers if a.reward is not None]
     out: dict[str, Any] = {
         "answers": n,
-        "stopped_at_eos": sum(a.finish_reason == EOS for a in answers),
+        "stopped_at_eos": sum(a.finish_reason == FinishReason.EOS for a in answers),
         "mean_new_tokens": round(sum(a.new_tokens for a in answers) / max(n, 1), 2),
         "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
     }
@@ -255,45 +240,6 @@ def summarize(answers: list[Answer], loss: tuple[float, int] | None) -> dict[str
         out.update(eval_loss=round(mean, 4), perplexity=round(math.exp(mean), 4))
         out["eval_tokens"] = loss[1]
     return out
-
-
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def render_report(
-    name: str,
-    models: dict[str, str],
-    prompts: list[Prompt],
-    answers: dict[str, list[Answer]],
-    summary: dict[str, dict[str, Any]],
-    settings: Settings,
-    raw: bool,
-) -> str:
-    labels = list(models)
-    stats = [
-        ("model", lambda s, label: md_cell(models[label])),
-        ("stopped at EOS", lambda s, label: f"{s['stopped_at_eos']}/{s['answers']}"),
-        ("mean answer length (tokens)", lambda s, label: _fmt(s["mean_new_tokens"])),
-        ("eval loss", lambda s, label: _fmt(s.get("eval_loss"))),
-        ("perplexity", lambda s, label: _fmt(s.get("perplexity"))),
-        ("mean reward", lambda s, label: _fmt(s.get("mean_reward"))),
-    ]
-    top = md_table(["", *labels], [[k, *(f(summary[lb], lb) for lb in labels)] for k, f in stats])
-    has_ref = any(p.reference for p in prompts)
-    header = ["#", "prompt", *labels] + (["reference"] if has_ref else [])
-    rows = []
-    for i, p in enumerate(prompts):
-        shown = p.question() if not raw or p.text is None else p.text
-        row = [str(i + 1), md_cell(shown), *(answer_cell(answers[lb][i]) for lb in labels)]
-        rows.append(row + ([md_cell(p.reference)] if has_ref else []))
-    align = ["--:", *["---"] * (len(header) - 1)]
-    fmt = "as written (--raw-prompts)" if raw else "in the instruction format (prompts.py)"
-    return (
-        f"# Evaluation `{md_cell(name)}`\n\n{top}\n\n"
-        f"Generation: {md_cell(settings.describe())}. Prompts sent {fmt}.\n\n"
-        f"## Answers\n\n{md_table(header, rows, align)}\n"
-    )
 
 
 # --- the job -----------------------------------------------------------------------------------
@@ -322,13 +268,33 @@ def answer_rows(label: str, path: str, i: int, p: Prompt, a: Answer) -> dict[str
     }
 
 
+@dataclass
+class Session:
+    """What answering every model shares: this rank, the run (rank 0), the stop signal, the
+    held-out rows, the answers an interrupted attempt already wrote, and the progress count."""
+
+    d: distlib.Dist
+    run: rundir.RunDir | None
+    stop: StopSignal
+    held_out: Rows | None
+    total: int  # answers in all, every model's
+    done: dict[tuple[str, int], Answer] = field(default_factory=dict)  # (label, index) -> answer
+    answered: int = 0  # by this rank
+
+    def progress(self) -> None:
+        self.answered += 1
+        if self.run is not None:
+            step = self.answered * self.d.world_size
+            self.run.update(**{RunKey.STEP: step, RunKey.MAX_STEPS: self.total})
+
+
 def evaluate_model(
-    c: Config, label: str, source: str, prompts: list[Prompt], ctx: dict[str, Any]
+    c: Config, label: str, source: str, prompts: list[Prompt], s: Session
 ) -> tuple[list[Answer | None], tuple[float, int] | None]:
     """This rank's share of one model's answers, and its summed held-out loss."""
     from remote.jobs.generation import answer, load_lm, token_loss
 
-    d, run, stop, done = ctx["dist"], ctx["run"], ctx["stop"], ctx["done"]
+    d, run, stop, done = s.d, s.run, s.stop, s.done
     model, tok = load_lm(source, pick_device(c.device, d.local_rank))
     mine: list[Answer | None] = [None] * len(prompts)
     for first in range(0, len(prompts), d.world_size):
@@ -348,10 +314,10 @@ def evaluate_model(
                 with open(run.path / REPORT_JSONL, "a", encoding="utf-8") as f:
                     f.write(json.dumps(answer_rows(label, source, i, prompts[i], a)) + "\n")
         mine[i] = a
-        ctx["progress"]()
+        s.progress()
     loss = None
-    if ctx["held_out"] is not None:
-        share = ctx["held_out"].examples(tok.eos_token)[d.rank :: d.world_size]
+    if s.held_out is not None:
+        share = s.held_out.examples(tok.eos_token)[d.rank :: d.world_size]
         loss = tuple(distlib.all_reduce_sum(list(token_loss(model, tok, share)), d))
     return mine, loss
 
@@ -364,30 +330,24 @@ def run_eval(c: Config, d: distlib.Dist, run: rundir.RunDir | None, stop: StopSi
     prompts = draw_prompts(c)
     held_out = None
     if c.eval_data:
-        from remote.jobs.presets import load_splits
+        from remote.jobs.dataset import load_splits
 
         _, held_out = load_splits(c.eval_data, limit=c.limit, columns=c.columns, seed=c.seed)
         held_out.rows = held_out.rows[: c.eval_rows]
     models = {BASE: c.base, TUNED: c.model} if c.base else {TUNED: c.model}
-    total, count = len(prompts) * len(models), [0]
-
-    def progress() -> None:
-        count[0] += 1
-        if run is not None:
-            run.update(step=count[0] * d.world_size, max_steps=total)
-
+    session = Session(d, run, stop, held_out, total=len(prompts) * len(models))
     if run is not None:
         run.log(
             "evaluate: %d prompts for %s%s", len(prompts), " and ".join(models.values()),
             f"; eval loss on {len(held_out.rows)} held-out rows" if held_out else "",
         )  # fmt: skip
-    ctx = {"dist": d, "run": run, "stop": stop, "held_out": held_out, "progress": progress}
-    ctx["done"] = done_answers(run, prompts) if run is not None and c.resume else {}
+    if run is not None and c.resume:
+        session.done = done_answers(run, prompts)
     if run is not None and not c.resume:
         (run.path / REPORT_JSONL).unlink(missing_ok=True)
     answers, losses = {}, {}
     for label, source in models.items():
-        mine, losses[label] = evaluate_model(c, label, source, prompts, ctx)
+        mine, losses[label] = evaluate_model(c, label, source, prompts, session)
         answers[label] = merge(distlib.gather_objects(mine, d))
     if not d.is_main or run is None:
         return {}
@@ -417,11 +377,18 @@ def write_outputs(c, run, models, prompts, answers, summary) -> None:
         run.append_metrics(
             {"step": len(prompts), "model": label, "path": models[label], **summary[label]}
         )
-    text = render_report(
-        run.path.name, models, prompts, answers, summary, c.settings(), c.raw_prompts
+    report = Report(
+        name=run.path.name,
+        models=models,
+        rows=[p.row(c.raw_prompts) for p in prompts],
+        answers=answers,
+        summary=summary,
+        generation=c.settings().describe(),
+        raw=c.raw_prompts,
     )
+    text = render_report(report)
     rundir.atomic_write_bytes(run.path / REPORT_MD, text.encode())
-    run.finish(rundir.COMPLETED, summary=summary)
+    run.finish(RunState.COMPLETED, summary=summary)
     run.write_manifest()
 
 
@@ -451,7 +418,7 @@ def evaluate(c: Config, guard: Guard) -> int:
     if run is not None:
         print(f"report: {run.path / REPORT_MD}")
         for label, s in summary.items():
-            print(f"{label}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in s.items()))
+            print(f"{label}: " + ", ".join(f"{k} {number(v)}" for k, v in s.items()))
     return 0
 
 

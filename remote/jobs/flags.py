@@ -10,6 +10,10 @@ A job writes its defaults once, one per line, each with its unit or choices::
 and ``parse(Config, argv)`` turns every field into a ``--kebab-case`` flag. argparse does the
 checking, so an unknown flag or a value of the wrong type is an error (exit 2) rather than a
 silent no-op, and ``--help`` lists every default.
+
+A recipe is a named set of values (``recipes={"course": {"lr": 1e-5, ...}}``, chosen by the
+config's ``recipe`` field): it replaces the defaults it names, and a flag given on the command
+line still wins over it. ``--help`` lists each recipe's values.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -44,7 +48,8 @@ def _add(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> No
     meta = f.metadata
     unset = f.default is None or f.default is False or f.default == ()
     shown = "" if unset else f" (default: {f.default})"
-    kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "") + shown}
+    text = (meta.get("help", "") + shown).replace("%", "%%")  # argparse formats help with %
+    kwargs: dict[str, Any] = {"dest": f.name, "help": text}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
         kwargs["action"] = "store_true"
@@ -61,11 +66,38 @@ def _add(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> No
     parser.add_argument(_flag(f.name), **kwargs)
 
 
-def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+Recipes = Mapping[str, Mapping[str, Any]]
+
+
+def describe_recipes(recipes: Recipes) -> str:
+    """One paragraph per recipe: the flags it sets, as they would be typed."""
+    lines = []
+    for name, values in recipes.items():
+        lines.append(f"--recipe {name} sets (flags given with it still win):")
+        line = " "
+        for flag in (_typed(k, v) for k, v in values.items()):  # a flag and its value together
+            if len(line) + len(flag) > 78:
+                lines.append(line)
+                line = " "
+            line += " " + flag
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _typed(name: str, value: Any) -> str:
+    if value is True:
+        return _flag(name)
+    return f"{_flag(name)} {value}"
+
+
+def build_parser(
+    cls: type, prog: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
     """An argparse parser whose flags are ``cls``'s fields; unset flags stay absent."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # so we can tell which flags were given
     )
@@ -81,20 +113,28 @@ def parse(
     *,
     prog: str,
     description: str,
-    check: Callable[[C], str | None] | None = None,
+    check: Callable[[C, set[str]], str | None] | None = None,
+    recipes: Recipes | None = None,
+    epilog: str | None = None,
 ) -> tuple[C, set[str]]:
     """(config, names of the flags given on the command line).
 
-    ``check`` returns an error message for values that are well-typed but unusable (a head
-    count that does not divide the width); that too exits 2 with argparse's usage line.
-    Knowing which flags were given lets ``--resume`` tell "you asked to change this" from "this
-    is just the default".
+    ``check(config, given)`` returns an error message for values that are well-typed but
+    unusable (a head count that does not divide the width, a flag the chosen method ignores);
+    that too exits 2 with argparse's usage line, before the job has touched anything. Knowing
+    which flags were given lets ``--resume`` tell "you asked to change this" from "this is just
+    the default", and a recipe give way to the flags typed beside it.
     """
-    parser = build_parser(cls, prog, description)
+    if recipes:
+        epilog = "\n\n".join(filter(None, (epilog, describe_recipes(recipes))))
+    parser = build_parser(cls, prog, description, epilog)
     given = vars(parser.parse_args(argv))
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    recipe = values.get("recipe")
+    if recipe is not None:
+        values = {**(recipes or {})[recipe], **values}  # what was typed wins over the recipe
     config = cls(**values)
-    if check is not None and (problem := check(config)):
+    if check is not None and (problem := check(config, set(given))):
         parser.error(problem)
     return config, set(given)
 

@@ -13,15 +13,14 @@ and ``length`` (it was cut off: the "never stops talking" symptom).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from remote.jobs.batching import PadToLongest, response_loss, tokenize_examples
+from facts import FinishReason
 from remote.jobs.errors import JobError
 from remote.jobs.models import load_hint, load_model, load_tokenizer
-
-EOS, STOP, LENGTH = "eos_token", "stop_sequence", "length"  # TGI's finish_reason values
+from remote.jobs.sft_batches import PadToLongest, response_loss, tokenize_examples
 
 
 @dataclass(frozen=True)
@@ -56,12 +55,11 @@ class Answer:
     new_tokens: int
     seconds: float
     reward: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A report.jsonl row's answer fields (``answer`` is the text)."""
-        row = {k: v for k, v in asdict(self).items() if k not in ("text", "extra")}
-        return {"answer": self.text, **row, **self.extra}
+        row = {k: v for k, v in asdict(self).items() if k != "text"}
+        return {"answer": self.text, **row}
 
 
 def load_lm(source: str, device: str = "cpu"):
@@ -111,13 +109,13 @@ def answer(model: Any, tok: Any, prompt: str, s: Settings, seed: int) -> Answer:
         )
     seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1] :].tolist()
-    reason = LENGTH
+    reason = FinishReason.LENGTH
     if tok.eos_token_id in new:
-        new, reason = new[: new.index(tok.eos_token_id)], EOS
+        new, reason = new[: new.index(tok.eos_token_id)], FinishReason.EOS
     text = tok.decode(new, skip_special_tokens=True)
     cut = [i for i in (text.find(x) for x in s.stop) if i >= 0]
     if cut:  # generation halts on a stop string; it is not part of the answer
-        text, reason = text[: min(cut)], STOP
+        text, reason = text[: min(cut)], FinishReason.STOP
     return Answer(text.strip(), reason, len(new), round(seconds, 3))
 
 
@@ -129,7 +127,7 @@ def token_loss(
 ) -> tuple[float, int]:
     """(summed negative log-likelihood, number of scored tokens) over ``examples``.
 
-    The (prompt, completion) pairs are tokenized and batched as fine-tuning does (batching.py),
+    The (prompt, completion) pairs are tokenized and batched as fine-tuning does (sft_batches.py),
     so the loss is on the completion and its EOS only, and padding changes nothing. Sums, not
     means, so ranks and batches combine exactly: perplexity is ``exp(total nll / total
     tokens)``, every scored token weighing the same.
@@ -182,6 +180,3 @@ class RewardModel:
         with torch.no_grad():
             logits = self.model(**enc.to(self.model.device)).logits
         return round(float(logits[0, -1]), 4)
-
-    def score_all(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        return [self.score(q, a) for q, a in pairs]

@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
+from facts import RunState
 from remote.jobs import dist, rundir
 from remote.jobs.errors import EXIT_ERROR, Interrupted, JobError, message
 
@@ -35,12 +37,16 @@ class Guard:
     """Runs a job's body and turns the way it ended into an exit code and a run status."""
 
     def __init__(self, d: dist.Dist | None = None):
+        self.started = time.monotonic()  # the session's time counts from here (run.json)
         self.d = d or dist.Dist()
         self.run: rundir.RunDir | None = None
 
     def track(self, run: rundir.RunDir | None) -> rundir.RunDir | None:
-        """Remember the run dir as soon as it exists, so any later ending is recorded in it."""
+        """Remember the run dir as soon as it exists, so any later ending is recorded in it,
+        and its elapsed time counts from the start of this job, not of the run dir."""
         self.run = run
+        if run is not None:
+            run.count_from(self.started)
         return run
 
     def main(self, body: Callable[[], int]) -> int:
@@ -53,13 +59,13 @@ class Guard:
             if self.d.is_main:
                 print(f"error: {message(exc)}", file=sys.stderr)
                 log.debug("error", exc_info=True)
-            self._finish(rundir.FAILED, error=message(exc))
+            self._finish(RunState.FAILED, error=message(exc))
             return EXIT_ERROR
         except KeyboardInterrupt as exc:  # Interrupted, or a Ctrl-C before any handler was set
             stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
             if self.run is not None:
                 self.run.plot_loss()
-                self._finish(rundir.INTERRUPTED, **stop.fields)
+                self._finish(RunState.INTERRUPTED, **stop.fields)
                 print(
                     f"interrupted by {signal.Signals(stop.signum).name}; continue with "
                     f"--resume --name {self.run.path.name}",
@@ -67,7 +73,7 @@ class Guard:
                 )
             return stop.exit_code
         except BaseException as exc:  # a bug: keep the traceback, never leave "running" behind
-            self._finish(rundir.FAILED, error=f"{type(exc).__name__}: {exc}")
+            self._finish(RunState.FAILED, error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             if self.run is not None:

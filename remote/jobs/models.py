@@ -4,6 +4,7 @@ tok = load_tokenizer("runs/sft-1/model")          # EOS required; pad = EOS when
 model = load_model("gpt2")                         # JobError with a hint when it cannot
 model = add_lora(model, rank=16, alpha=32)         # peft adapters, merged again by save_model
 save_model(model, tok, run.model_dir)              # a plain dir TGI and the native server load
+                                                   # (+ model/adapter/ for a LoRA model)
 device = pick_device("auto", local_rank)           # "cpu" or "cuda:N"
 """
 
@@ -14,8 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from facts import ADAPTER_DIR
 from remote.jobs.errors import JobError
 from remote.jobs.prompts import save_tokenizer_with_chat_format
+from remote.jobs.rundir import atomic_dir
 
 
 def pick_device(flag: str, local_rank: int = 0) -> str:
@@ -38,6 +41,21 @@ def load_hint(source: str, exc: BaseException, what: str = "model") -> str:
         f"could not load {what} {source!r}: {first}. Give a save_pretrained directory "
         "(e.g. runs/<run>/model) or a hub id this machine can download"
     )
+
+
+def check_source(source: str, what: str = "model") -> None:
+    """Fail at once on a local path that is not there, instead of asking the Hub for it.
+
+    A hub id is ``name`` or ``owner/name``; anything that starts like a path (``.``, ``/``,
+    ``~``) or has more than one ``/`` (``runs/<run>/model``) can only be a directory here.
+    """
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not path.exists():
+        raise JobError(
+            f"could not load {what} {source!r}: there is no such directory. Give a "
+            "save_pretrained directory (e.g. runs/<run>/model) or a hub id such as gpt2"
+        )
 
 
 def load_tokenizer(source: str) -> Any:
@@ -165,13 +183,19 @@ def add_lora(model: Any, rank: int, alpha: int) -> Any:
 
 def save_model(model: Any, tok: Any, model_dir: Path) -> None:
     """A plain save_pretrained directory any server loads: LoRA merged in, the KV cache on,
-    generation stopping at EOS, and the chat template of prompts.py in the tokenizer."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.config.use_cache = True
-    if model.generation_config is not None:
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    save_tokenizer_with_chat_format(tok, model_dir)
+    generation stopping at EOS, and the chat template of prompts.py in the tokenizer.
+
+    A LoRA model also keeps its adapter, unmerged, in ``model/adapter/`` (peft's
+    ``adapter_config.json``, naming the base it was trained on, and ``adapter_model.safetensors``:
+    a few MB), so one server can serve several LoRA runs over a single copy of their base
+    (``fab serve --run A --run B``), as TGI's multi-LoRA does."""
+    with atomic_dir(model_dir) as tmp:  # a server never finds half a model
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(tmp / ADAPTER_DIR)  # before the merge changes the weights
+            model = model.merge_and_unload()
+        model.config.use_cache = True
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = tok.eos_token_id
+            model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(tmp)
+        save_tokenizer_with_chat_format(tok, tmp)

@@ -1,7 +1,7 @@
 """Attention for packed rows on any device: each example attends only within itself, and no
 row-by-row mask is ever applied.
 
-    use_packed_attention(model)        # before LoRA; batches from batching.FlattenBatch
+    use_packed_attention(model)        # before LoRA; batches from sft_batches.FlattenBatch
 
 Packing puts a micro-batch's examples end to end in one row with no padding, so no compute
 goes to pad tokens. transformers then needs a block-diagonal causal mask; SDPA with an arbitrary
@@ -98,8 +98,8 @@ def keeps_examples_apart(model: Any, lengths: tuple[int, ...] = (3, 5)) -> bool:
     """Whether ``model`` gives each example in a packed row the logits it has alone."""
     import torch
 
-    from remote.jobs.batching import FlattenBatch
     from remote.jobs.models import probing
+    from remote.jobs.sft_batches import FlattenBatch
 
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-PROMPT_FORMAT_FILE = "prompt_format.json"  # written into model/ beside tokenizer_config.json
+from facts import PROMPT_FORMAT_FILE
 
 # Alpaca's own preamble ("Below is an instruction that describes a task...") is 21-33 GPT-2
 # tokens on every example: a fifth of the compute of an alpaca-1k fine-tune, and of the chat

@@ -2,19 +2,28 @@
 
 Every job writes ``<runs root>/<run name>/`` with:
 
-- ``run.json``       arguments, versions, seed, status, pid, progress; rewritten atomically
+- ``run.json``       arguments, versions, seed, status, pid, progress; rewritten atomically.
+                     The keys read outside the job are ``facts.RunKey``: progress (step,
+                     max_steps, loss, val_loss, tokens_per_s, eta_s), time and money
+                     (elapsed_s summed over resumes, cost_per_hour_usd, cost_usd), and what a
+                     comparison needs (train_examples, train_tokens, best_val_loss,
+                     final_val_loss, kept_step)
 - ``train.log``      human-readable log lines (the job's own; the detached launcher sends raw
                      stdout/stderr, progress bars included, to ``console.log``)
 - ``metrics.jsonl``  one JSON object per logged step: train rows carry ``loss``, eval rows
                      carry ``val_loss``; both carry ``step``
 - ``ckpt.pt``        the last complete checkpoint (written to a temp file, fsynced, renamed);
                      Trainer-based jobs keep ``checkpoints/checkpoint-N/`` instead, removed
-                     once the run completes
+                     once the run completes; ``best.pt``: pretrain ``--keep best``'s weights
 - ``loss.png``       train and val curves
 - ``model/``         a Hugging Face ``save_pretrained`` directory that TGI and the native
                      server both load
 - ``manifest.sha256`` ``sha256sum``-format digests of the deliverables, so ``fab fetch`` (and
                      ``sha256sum -c`` on the VM) can verify a download
+
+Time is the wall time of the job's sessions (from its ``main`` to its last write), summed
+over resumes; cost is each session's time at the hourly price in ``$TINYCLOUD_COST_PER_HOUR``
+(``facts.COST_PER_HOUR_ENV``, set by `fab train` from the stack outputs; 0 when absent).
 
 Only rank 0 of a distributed run writes here.
 """
@@ -22,9 +31,9 @@ Only rank 0 of a distributed run writes here.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -33,29 +42,39 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from facts import (
+    BEST_WEIGHTS,
+    CHECKPOINT,
+    CONSOLE_LOG,
+    COST_PER_HOUR_ENV,
+    LOSS_PLOT,
+    MANIFEST,
+    METRICS,
+    MODEL_DIR,
+    RUN_JSON,
+    RUN_NAME_RULE,
+    RUNS_DIR_NAME,
+    RUNS_ENV,
+    TRAIN_LOG,
+    TRAINER_CHECKPOINTS,
+    RunKey,
+    RunState,
+    is_run_name,
+    sha256_file,
+)
 from remote.jobs.errors import JobError
-
-RUNS_ENV = "TINYCLOUD_RUNS"  # overrides the runs root; `fab` sets it on the VM
-DEFAULT_RUNS_ROOT = "runs"  # relative to the working directory
-RUN_JSON = "run.json"
-TRAIN_LOG = "train.log"
-CONSOLE_LOG = "console.log"
-METRICS = "metrics.jsonl"
-CHECKPOINT = "ckpt.pt"
-TRAINER_CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N dirs (finetune, dpo), for --resume
-LOSS_PLOT = "loss.png"
-MODEL_DIR = "model"
-MANIFEST = "manifest.sha256"
-
-# Status values in run.json. A run whose status is RUNNING but whose pid is gone was killed.
-RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
 
 # Not covered by the manifest: still growing after it is written, or too large to be worth
 # shipping back by default (the checkpoint is for resuming on the VM).
-MANIFEST_EXCLUDES = frozenset({MANIFEST, TRAIN_LOG, CONSOLE_LOG, CHECKPOINT, RUN_JSON})
+MANIFEST_EXCLUDES = frozenset(
+    {MANIFEST, TRAIN_LOG, CONSOLE_LOG, CHECKPOINT, BEST_WEIGHTS, RUN_JSON}
+)
+
+log = logging.getLogger("tinycloud")
 
 
 class RunExistsError(JobError, FileExistsError):
@@ -72,7 +91,20 @@ class BadRunNameError(JobError, ValueError):
 
 def runs_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The runs root: the flag if given, else ``$TINYCLOUD_RUNS``, else ``./runs``."""
-    return Path(explicit or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_ROOT)
+    return Path(explicit or os.environ.get(RUNS_ENV) or RUNS_DIR_NAME)
+
+
+def cost_per_hour() -> float:
+    """The instance's hourly price from the environment; 0 when unset (a local run) or unusable."""
+    raw = os.environ.get(COST_PER_HOUR_ENV, "").strip()
+    try:
+        price = float(raw) if raw else 0.0
+    except ValueError:
+        price = -1.0
+    if not (math.isfinite(price) and price >= 0):
+        log.warning("%s=%r is not a price in USD an hour; counting 0", COST_PER_HOUR_ENV, raw)
+        return 0.0
+    return price
 
 
 @contextlib.contextmanager
@@ -93,6 +125,36 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
         _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Fill a temp directory beside ``path``; on success fsync it and rename it into place.
+
+    ``model/`` is either absent, the previous complete directory, or the new complete one — never
+    a half-written one that a server would try to load (a crash leaves a ``.model.*.tmp``).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():  # a directory cannot be renamed over another: move the old one aside
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            old.rmdir()
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -133,20 +195,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class RunDir:
     """One run's directory. Create with ``RunDir.create``; a job on rank != 0 gets ``None``."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.logger = logging.getLogger(f"tinycloud.run.{self.path.name}")
+        self._clock: _Clock | None = None  # set by create: this session's time and cost
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -167,8 +222,8 @@ class RunDir:
         (start over) is given: a typo in ``--name`` must never cost somebody a finished model.
         All three refusals are ``JobError``s whose message says which flag to use.
         """
-        if not name or "/" in name or name in {".", ".."}:
-            raise BadRunNameError(f"bad run name {name!r}: use letters, digits, '-', '_' or '.'")
+        if not is_run_name(name):
+            raise BadRunNameError(f"bad run name {name!r}: use {RUN_NAME_RULE}")
         path = runs_root(root) / name
         run = cls(path)
         exists = (path / RUN_JSON).exists()
@@ -185,17 +240,24 @@ class RunDir:
             clear_run(path)
         path.mkdir(parents=True, exist_ok=True)
         previous = run.read_meta() if resume else {}
+        run._clock = _Clock(
+            time.monotonic(),
+            float(previous.get(RunKey.ELAPSED_S) or 0),
+            float(previous.get(RunKey.COST_USD) or 0),
+            cost_per_hour(),
+        )
         meta = {
+            **dict.fromkeys(RunKey),  # every key readers rely on, null until the job fills it
             **previous,
             "name": name,
-            "job": job,
+            RunKey.JOB: job,
             "args": args,
-            "status": RUNNING,
+            RunKey.STATUS: RunState.RUNNING,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "started_at": previous.get("started_at", _now()),
+            RunKey.STARTED_AT: previous.get(RunKey.STARTED_AT) or _now(),
             "resumed_at": _now() if resume else None,
-            "finished_at": None,
+            RunKey.FINISHED_AT: None,
             "versions": versions(),
         }
         run.write_meta(meta)
@@ -227,18 +289,25 @@ class RunDir:
         except FileNotFoundError:
             return {}
 
-    def write_meta(self, meta: dict[str, Any]) -> None:
-        meta = {**meta, "updated_at": _now()}
+    def count_from(self, started: float) -> None:
+        """Count this session's time from ``started`` (``time.monotonic()`` when the job's
+        ``main`` began: reading data and loading a model cost as much as training)."""
+        if self._clock is not None:
+            self._clock.started = min(started, self._clock.started)
+
+    def write_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write run.json as ``meta`` plus this session's time and cost; returns what it wrote."""
+        clock = self._clock.fields() if self._clock is not None else {}
+        meta = {**meta, **clock, RunKey.UPDATED_AT: _now()}
         atomic_write_bytes(self.path / RUN_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+        return meta
 
     def update(self, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into run.json (progress, best val loss, status...)."""
-        meta = {**self.read_meta(), **fields}
-        self.write_meta(meta)
-        return meta
+        return self.write_meta({**self.read_meta(), **fields})
 
-    def finish(self, status: str = COMPLETED, **fields: Any) -> None:
-        self.update(status=status, finished_at=_now(), **fields)
+    def finish(self, status: str = RunState.COMPLETED, **fields: Any) -> None:
+        self.update(**{RunKey.STATUS: status, RunKey.FINISHED_AT: _now()}, **fields)
 
     # --- logs and metrics -------------------------------------------------------------------
 
@@ -288,6 +357,24 @@ class RunDir:
         out = self.path / MANIFEST
         atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
         return out
+
+
+@dataclass
+class _Clock:
+    """One session of a run: when it began, and the time and cost of the sessions before it."""
+
+    started: float  # time.monotonic()
+    elapsed_before: float  # seconds
+    cost_before: float  # USD
+    price: float  # USD an hour, this session
+
+    def fields(self) -> dict[str, float]:
+        now = time.monotonic() - self.started
+        return {
+            RunKey.ELAPSED_S: round(self.elapsed_before + now, 1),
+            RunKey.COST_PER_HOUR_USD: self.price,
+            RunKey.COST_USD: round(self.cost_before + now / 3600 * self.price, 4),
+        }
 
 
 # What --overwrite keeps: run.json is about to be rewritten, and console.log is the file the

@@ -5,7 +5,7 @@
             ...one step...
             if stop.signum:                       # asked to stop: checkpoint, then leave
                 save_checkpoint()
-                raise Interrupted(stop.signum)    # errors.Guard: status interrupted, exit 143/130
+                raise Interrupted(stop.signum)    # guard.Guard: status interrupted, exit 143/130
 
 The first signal only sets ``signum``; the loop finishes its step and saves. A second one means
 "now": it raises ``Interrupted`` at once, checkpoint or not. Handlers are installed only in the

@@ -3,7 +3,7 @@
     trackers.prepare("tensorboard,wandb", run_dir)   # before the run dir is made; JobError if not
 
 The trackers are optional dependency groups (pyproject.toml): a VM has one only after
-`fab setup --track NAME`, so a run asking for another stops here, before its run starts, with
+`fab setup --groups NAME`, so a run asking for another stops here, before its run starts, with
 the command that adds it. Where a tracker would otherwise write outside the run or fail without
 a server, it gets a default inside the run dir; anything the user set in the environment wins:
 
@@ -45,7 +45,7 @@ def prepare(report_to: str, run_dir: Path) -> None:
         which = ",".join(missing)
         raise JobError(
             f"--report-to {which}: {' and '.join(missing)} is not installed in this environment. "
-            f"Add it with `fab setup --track {which}` (on this machine: "
+            f"Add it with `fab setup --groups {which}` (on this machine: "
             f"`uv sync --group {' --group '.join(missing)}`), then start the run again"
         )
     chosen = TRACKERS if names == ["all"] else names

@@ -19,6 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from facts import RunKey, duration
 from remote.jobs import dist as distlib
 from remote.jobs.errors import Interrupted
 from remote.jobs.rundir import RunDir
@@ -73,7 +74,8 @@ class MetricsCallback(TrainerCallback):
         eta = (state.max_steps - step) * (now - start_t) / done if done > 0 else None
         self.run.append_metrics(row)
         progress = {k: v for k, v in row.items() if k != "lr"}
-        self.run.update(max_steps=state.max_steps, eta_s=eta and round(eta, 1), **progress)
+        timing = {RunKey.MAX_STEPS: state.max_steps, RunKey.ETA_S: eta and round(eta, 1)}
+        self.run.update(**timing, **progress)
         self.run.log(progress_line(row, state.max_steps, eta))
 
     def _eval_row(self, step: int, logs: dict[str, float]) -> None:
@@ -83,8 +85,9 @@ class MetricsCallback(TrainerCallback):
                 row[f"val_{ours}"] = logs[f"eval_{key}"]
         row["val_loss"] = val = round(float(logs["eval_loss"]), 5)
         self.run.append_metrics(row)
-        best = self.run.read_meta().get("best_val_loss")
-        self.run.update(val_loss=val, best_val_loss=val if best is None else min(best, val))
+        best = self.run.read_meta().get(RunKey.BEST_VAL_LOSS)
+        best = val if best is None else min(best, val)
+        self.run.update(**{RunKey.VAL_LOSS: val, RunKey.BEST_VAL_LOSS: best})
         self.run.log("step %d: val loss %.4f", step, val)
 
 
@@ -95,16 +98,17 @@ class StopOnSignal(TrainerCallback):
     next all-reduce: the flag is max-reduced across ranks once per step.
     """
 
-    def __init__(self, d: distlib.Dist | None = None):
+    def __init__(self, d: distlib.Dist | None = None, signal: StopSignal | None = None):
         self.d = d or distlib.Dist()
-        self.signal = StopSignal()
+        self.signal = signal or StopSignal()  # the job's own, when it installed one already
 
     @property
     def signum(self) -> int:
         return self.signal.signum
 
     def installed(self) -> StopSignal:
-        """``with stop.installed(): trainer.train()`` catches the signals while it trains."""
+        """``with stop.installed(): trainer.train()`` catches the signals while it trains (a
+        job that handed in its own StopSignal has them caught already)."""
         return self.signal
 
     def raise_if_stopped(self, **fields: Any) -> None:
@@ -164,7 +168,7 @@ def progress_line(row: dict[str, Any], max_steps: int, eta: float | None) -> str
     if "tokens_per_s" in row:
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
     if eta is not None:
-        parts.append(f"eta {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}")
+        parts.append(f"eta {duration(eta)}")
     known = {"step", "loss", "lr", "tokens_per_s"}
     parts += [f"{k} {v:.4g}" for k, v in row.items() if k not in known and isinstance(v, float)]
     return " | ".join(parts)

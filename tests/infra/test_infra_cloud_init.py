@@ -6,8 +6,11 @@ systemctl, apt-get, ...) replaced by recording stand-ins on PATH.
 from __future__ import annotations
 
 import configparser
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from facts import VM_RUNS_DIR, VM_STATE_DIR
 from infra import cloud_init
 
 PRIVATE = (
@@ -82,12 +86,16 @@ def test_systemd_units_are_well_formed(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return
-    script = tmp_path / "tinycloud-idle"
-    script.write_text((cloud_init.VM_DIR / "tinycloud-idle.sh").read_text())
-    script.chmod(0o755)
+    scripts = {}
+    for name in ("tinycloud-idle", "tinycloud-cap"):
+        scripts[name] = tmp_path / name
+        scripts[name].write_text((cloud_init.VM_DIR / f"{name}.sh").read_text())
+        scripts[name].chmod(0o755)
     for src, _ in UNITS:
         text = (cloud_init.VM_DIR / src).read_text()
-        (tmp_path / src).write_text(text.replace("/usr/local/sbin/tinycloud-idle", str(script)))
+        for name, script in scripts.items():
+            text = text.replace(f"/usr/local/sbin/{name} ", f"{script} ")
+        (tmp_path / src).write_text(text)
     result = subprocess.run(
         [analyze, "verify", "--man=no", *(str(tmp_path / src) for src, _ in UNITS)],
         capture_output=True,
@@ -104,8 +112,11 @@ def test_user_data_ships_exactly_the_checked_files():
     config = yaml.safe_load(render())
     files = {f["path"]: f for f in config["write_files"]}
     for src, dest, mode in cloud_init.STATIC_FILES:
-        assert files[dest]["content"] == (cloud_init.VM_DIR / src).read_text()
+        assert cloud_init.unpacked(files[dest]) == (cloud_init.VM_DIR / src).read_text()
         assert files[dest]["permissions"] == mode
+        assert files[dest]["encoding"] == "gz+b64"  # a third of the room: EC2 allows 16 KB
+    assert render() == render(), "the same files must render the same user data (no gzip mtime)"
+    assert "/usr/local/sbin/tinycloud-cap" in files
     assert config["runcmd"] == [["/usr/local/sbin/tinycloud-bootstrap"]]
     assert render().startswith("#cloud-config\n")
     # Room to grow, but EC2 refuses user data over 16 KB: keep an eye on it here.
@@ -113,13 +124,14 @@ def test_user_data_ships_exactly_the_checked_files():
 
 
 def test_keys_and_values_survive_yaml_exactly():
-    config = yaml.safe_load(render(api_port=9001, idle_stop_minutes=0, gpu=True))
+    config = yaml.safe_load(render(api_port=9001, idle_stop_minutes=0, gpu=True, max_run_hours=7))
     assert config["ssh_keys"] == {"ed25519_private": PRIVATE, "ed25519_public": PUBLIC}
     env = next(f for f in config["write_files"] if f["path"] == cloud_init.IDLE_ENV)["content"]
     assert "TINYCLOUD_API_PORT=9001\n" in env
     assert "TINYCLOUD_IDLE_MINUTES=0\n" in env
     assert "TINYCLOUD_GPU=1\n" in env
-    assert f"TINYCLOUD_RUNS={cloud_init.RUNS_DIR}\n" in env
+    assert "TINYCLOUD_MAX_RUN_HOURS=7\n" in env
+    assert f"TINYCLOUD_RUNS={VM_RUNS_DIR}\n" in env
     for package in ("python3-venv", "nftables", "jq"):
         assert package in config["packages"]
     assert config["package_update"] is True and config["package_upgrade"] is True
@@ -168,7 +180,8 @@ def counters(ssh: int, api: int) -> str:
 class Vm:
     """A temp dir standing in for the VM: state dir, runs dir, env file and fake tools."""
 
-    def __init__(self, root: Path, idle_minutes: int = 60) -> None:
+    def __init__(self, root: Path, idle_minutes: int = 60, max_run_hours: int = 0) -> None:
+        self.extra_env: dict[str, str] = {}
         self.fake = root / "fake"
         self.bin = root / "bin"
         self.state = root / "state"
@@ -177,9 +190,14 @@ class Vm:
             d.mkdir()
         self.env_file = root / "idle.env"
         self.env_file.write_text(
-            cloud_init.idle_env(api_port=8080, idle_stop_minutes=idle_minutes, gpu=False)
-            .replace(cloud_init.RUNS_DIR, str(self.runs))
-            .replace(cloud_init.STATE_DIR, str(self.state))
+            cloud_init.idle_env(
+                api_port=8080,
+                idle_stop_minutes=idle_minutes,
+                gpu=False,
+                max_run_hours=max_run_hours,
+            )
+            .replace(VM_RUNS_DIR, str(self.runs))
+            .replace(VM_STATE_DIR, str(self.state))
         )
         for name, body in FAKE_TOOLS.items():
             self.tool(name, body)
@@ -201,6 +219,7 @@ class Vm:
             "FAKE": str(self.fake),
             "TINYCLOUD_IDLE_ENV": str(self.env_file),
             "TINYCLOUD_SYSTEM_ENV": str(self.fake / "environment"),
+            **self.extra_env,
         }
         return subprocess.run(
             [BASH, str(script), *args], env=env, capture_output=True, text=True, timeout=30
@@ -353,6 +372,7 @@ def test_bootstrap_installs_docker_enables_the_timer_and_marks_ready(tmp_path):
     )
     assert "usermod -aG docker ubuntu" in calls
     assert "enable --now tinycloud-idle.timer" in vm.systemctl()
+    assert "enable --now tinycloud-cap.timer" in vm.systemctl()
     assert vm.runs.is_dir()
     assert (vm.fake / "environment").read_text() == f"TINYCLOUD_RUNS={vm.runs}\n"
     assert (vm.state / "ready").read_text().startswith("20")
@@ -367,6 +387,7 @@ def test_bootstrap_keeps_the_images_docker_and_can_skip_the_timer(tmp_path):
     assert "apt-get" not in vm.calls()
     assert "tinycloud-idle.timer" not in vm.systemctl()
     assert "enable --now tinycloud-activity.service" in vm.systemctl()
+    assert "enable --now tinycloud-cap.timer" in vm.systemctl()  # the boot log, cap or not
 
 
 def test_failed_bootstrap_never_marks_ready(tmp_path):
@@ -375,3 +396,135 @@ def test_failed_bootstrap_never_marks_ready(tmp_path):
     result = vm.bootstrap()
     assert result.returncode == 100
     assert not (vm.state / "ready").exists()
+
+
+# --- the run-time cap and the boot log, run for real against stand-in system tools ---------------
+
+CAP_SCRIPT = cloud_init.VM_DIR / "tinycloud-cap.sh"
+HOUR = 3600
+
+# A job as the cap sees one: its own session and process group (as `fab train` starts it), a
+# child in that group (as torchrun's workers are), run.json saying running. On SIGTERM it does
+# what the real jobs do: writes its checkpoint, marks itself interrupted, exits 143.
+JOB = """
+import json, os, signal, subprocess, sys, time
+run_dir, mode = sys.argv[1], sys.argv[2]
+child = subprocess.Popen(["sleep", "600"])
+def meta(status):
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump({"status": status, "pid": os.getpid(), "child": child.pid}, f)
+def stop(signum, frame):
+    open(os.path.join(run_dir, "ckpt.pt"), "w").write("saved")
+    meta("interrupted")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop if mode == "checkpoint" else signal.SIG_IGN)
+meta("running")
+while True:
+    time.sleep(0.05)
+"""
+
+
+class CapVm(Vm):
+    """The stand-in VM with a clock: its uptime and boot id are files the test sets."""
+
+    def __init__(self, root: Path, max_run_hours: int) -> None:
+        super().__init__(root, max_run_hours=max_run_hours)
+        self.extra_env = {
+            "TINYCLOUD_UPTIME_FILE": str(self.fake / "uptime"),
+            "TINYCLOUD_BOOT_ID_FILE": str(self.fake / "boot_id"),
+            "TINYCLOUD_CAP_GRACE_S": "20",
+        }
+        self.boot("boot-one", uptime_s=60)
+        self.jobs: list[subprocess.Popen] = []
+
+    def boot(self, boot_id: str, uptime_s: float) -> None:
+        self.set(boot_id=f"{boot_id}\n", uptime=f"{uptime_s:.2f} 12.00\n")
+
+    def check(self) -> subprocess.CompletedProcess:
+        return self.run(CAP_SCRIPT, "check")
+
+    def boots(self) -> list[list[str]]:
+        return [line.split() for line in (self.state / "boots.log").read_text().splitlines()]
+
+    def start_job(self, name: str, mode: str = "checkpoint") -> tuple[subprocess.Popen, Path]:
+        run_dir = self.runs / name
+        run_dir.mkdir()
+        job = subprocess.Popen(
+            [sys.executable, "-c", JOB, str(run_dir), mode], start_new_session=True
+        )
+        self.jobs.append(job)
+        deadline = time.monotonic() + 30
+        while not (run_dir / "run.json").exists():
+            assert time.monotonic() < deadline, "the stand-in job never started"
+            time.sleep(0.05)
+        return job, run_dir
+
+    def cleanup(self) -> None:
+        for job in self.jobs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+@pytest.fixture
+def cap_vm(tmp_path):
+    vm = CapVm(tmp_path, max_run_hours=12)
+    yield vm
+    vm.cleanup()
+
+
+def test_cap_logs_each_boot_and_waits_below_the_limit(cap_vm):
+    before = int(time.time())
+    result = cap_vm.check()
+    assert result.returncode == 0, result.stderr
+    assert "up 1 of 720 min" in result.stdout
+    assert cap_vm.systemctl() == ""
+    [(boot_id, start, seen)] = cap_vm.boots()
+    assert boot_id == "boot-one" and before - 62 <= int(start) <= before - 58
+    assert before <= int(seen) <= before + 5
+    cap_vm.boot("boot-one", uptime_s=3 * HOUR)  # the same boot, later: one line, updated
+    cap_vm.check()
+    [(_, _, later)] = cap_vm.boots()
+    assert int(later) >= int(seen)
+    cap_vm.boot("boot-two", uptime_s=90)  # stopped and started again: a second line
+    cap_vm.check()
+    assert [b[0] for b in cap_vm.boots()] == ["boot-one", "boot-two"]
+    assert oct((cap_vm.state / "boots.log").stat().st_mode & 0o777) == "0o644"  # fab reads it
+
+
+def test_cap_reached_checkpoints_every_job_then_powers_off(cap_vm):
+    job, run_dir = cap_vm.start_job("forgotten")
+    child = json.loads((run_dir / "run.json").read_text())["child"]
+    cap_vm.add_run("finished", "completed", os.getpid())  # not a job to stop: not running
+    cap_vm.boot("boot-one", uptime_s=12 * HOUR + 30)
+    result = cap_vm.check()
+    assert result.returncode == 0, result.stderr
+    assert job.wait(10) == 143, "the job did not get its SIGTERM"
+    assert (run_dir / "ckpt.pt").read_text() == "saved"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
+    assert cap_vm.systemctl() == "poweroff\n"
+    logged = (cap_vm.fake / "logger.log").read_text()
+    assert "the cap is 12 h (maxRunHours): stopping" in logged
+    assert f"asking job group {job.pid} to checkpoint" in logged
+    assert logged.index("asking job group") < logged.index("powering off")
+
+
+def test_cap_powers_off_after_the_grace_even_if_a_job_ignores_sigterm(cap_vm):
+    cap_vm.extra_env["TINYCLOUD_CAP_GRACE_S"] = "2"
+    job, _ = cap_vm.start_job("stubborn", mode="ignore")
+    cap_vm.boot("boot-one", uptime_s=13 * HOUR)
+    started = time.monotonic()
+    result = cap_vm.check()
+    assert result.returncode == 0, result.stderr
+    assert 2 <= time.monotonic() - started < 15
+    assert job.poll() is None, "the cap waits, it does not kill: poweroff does the rest"
+    assert cap_vm.systemctl() == "poweroff\n"
+
+
+def test_zero_hours_is_no_cap_but_still_a_boot_log(tmp_path):
+    vm = CapVm(tmp_path, max_run_hours=0)
+    vm.boot("boot-one", uptime_s=1000 * HOUR)
+    assert vm.check().returncode == 0
+    assert vm.systemctl() == ""
+    assert vm.boots()[0][0] == "boot-one"

@@ -247,13 +247,21 @@ def test_operators_own_public_key_replaces_the_generated_pair():
     assert program.outputs["private_key"] == "" and program.secret["private_key"] is True
 
 
-def test_api_port_and_idle_minutes_reach_the_rules_and_the_vm():
-    program = run_program({"allowedCidrs": [OPERATOR], "apiPort": 9000, "idleStopMinutes": 0})
+def test_api_port_idle_minutes_and_cap_reach_the_rules_and_the_vm():
+    program = run_program(
+        {"allowedCidrs": [OPERATOR], "apiPort": 9000, "idleStopMinutes": 0, "maxRunHours": 3}
+    )
     assert _ingress_sources(program) == {(22, OPERATOR), (9000, OPERATOR)}
     assert program.outputs["api_url"].endswith(":9000")
     config = yaml.safe_load(program.mocks.one(INSTANCE).inputs["userData"])
     env = next(f for f in config["write_files"] if f["path"] == cloud_init.IDLE_ENV)["content"]
     assert "TINYCLOUD_API_PORT=9000" in env and "TINYCLOUD_IDLE_MINUTES=0" in env
+    assert "TINYCLOUD_MAX_RUN_HOURS=3\n" in env
+    default = yaml.safe_load(
+        run_program({"allowedCidrs": [OPERATOR]}).mocks.one(INSTANCE).inputs["userData"]
+    )
+    env = next(f for f in default["write_files"] if f["path"] == cloud_init.IDLE_ENV)["content"]
+    assert "TINYCLOUD_MAX_RUN_HOURS=12\n" in env
 
 
 def test_unknown_instance_type_price_says_so():
@@ -286,6 +294,9 @@ def test_unknown_instance_type_price_says_so():
         ({"apiPort": 22}, r"tinycloud:apiPort is 22"),
         ({"apiPort": 80}, r"1024-65535"),
         ({"idleStopMinutes": 2}, r"0 \(never stop\) or at least 5"),
+        ({"maxRunHours": -1}, r"tinycloud:maxRunHours is -1.*0 \(no cap\) or 1-720"),
+        ({"maxRunHours": 1000}, r"maxRunHours 12"),
+        ({"maxRunHours": "2.5"}, r"tinycloud:maxRunHours is '2\.5'.*whole number"),
         ({"amiId": "ubuntu"}, r"not an AMI id"),
         ({"sshPublicKey": "-----BEGIN OPENSSH PRIVATE KEY-----"}, r"not an OpenSSH public key"),
     ],

@@ -1,5 +1,4 @@
-"""Pulumi.yaml declares the project as infra/config.py reads it: same keys, types, defaults;
-and the facts infra repeats from other areas (it may import none of them) still agree."""
+"""Pulumi.yaml declares the project as infra/config.py reads it: same keys, types, defaults."""
 
 from __future__ import annotations
 
@@ -41,22 +40,3 @@ def test_docs_table_lists_every_key():
     docs = (ROOT / "docs" / "infra.md").read_text()
     for name in config.DEFAULTS:
         assert f"| `{name}` |" in docs, name
-
-
-def test_default_api_port_is_the_servers():
-    """infra stands alone (it cannot import serving/), so this test keeps the two in step."""
-    from serving.constants import DEFAULT_PORT
-
-    assert config.DEFAULTS["apiPort"] == DEFAULT_PORT
-
-
-def test_vm_paths_are_the_ones_fab_expects(monkeypatch):
-    """cloud-init makes what `fab setup` waits for and writes into: same marker, user, runs."""
-    from infra import cloud_init
-    from remote import boot, settings
-
-    monkeypatch.delenv("TINYCLOUD_READY_MARKER", raising=False)
-    assert boot.ready_marker() == cloud_init.READY_MARKER
-    assert cloud_init.SSH_USER == settings.DEFAULT_USER
-    remote_runs = f"{cloud_init.HOME_DIR}/{settings.DEFAULT_REMOTE_DIR}/{settings.RUNS_DIR}"
-    assert remote_runs == cloud_init.RUNS_DIR

@@ -1,22 +1,18 @@
-"""DPO (remote/jobs/dpo.py): the pair data in our format, and training that really prefers chosen.
-
-``train_dpo`` is called directly with the Namespace finetune would build, so these tests do not
-depend on finetune's CLI.
-"""
+"""DPO (remote/jobs/dpo.py): the pair data in our format, training that really prefers chosen,
+and the flags DPO refuses. Runs go through ``finetune.main``, as a user's do."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
+from facts import RunKey, RunState
 from remote.jobs import dpo, finetune
-from remote.jobs.dist import Dist
-from remote.jobs.presets import DatasetError
+from remote.jobs.dataset import DatasetError
 from remote.jobs.prompts import format_prompt
-from remote.jobs.rundir import COMPLETED, RunDir
+from remote.jobs.rundir import RunDir
 
 HH_CHOSEN = (
     "\n\nHuman: What is a GPU?\n\nAssistant: A graphics processor.\n\nHuman: Is it fast?"
@@ -28,14 +24,11 @@ HH_REJECTED = (
 )
 
 
-def namespace(model: Path, runs: Path, data: Path, *extra: str) -> argparse.Namespace:
-    """The Namespace ``finetune --method dpo`` hands to ``train_dpo``."""
-    return finetune.parse_args(
-        ["--method", "dpo", "--model", str(model), "--dataset", str(data), "--max-steps", "8",
-         "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "1", "--seed", "0",
-         "--max-length", "128", "--device", "cpu", "--name", "dpo-test", "--runs-dir", str(runs),
-         "--logging-steps", "1", "--save-steps", "1000", *extra]
-    )  # fmt: skip
+def dpo_argv(model: Path, runs: Path, data: Path, *extra: str) -> list[str]:
+    return ["--method", "dpo", "--model", str(model), "--dataset", str(data), "--max-steps", "8",
+            "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "1", "--seed", "0",
+            "--max-length", "128", "--device", "cpu", "--name", "dpo-test", "--runs-dir",
+            str(runs), "--logging-steps", "1", "--save-steps", "1000", *extra]  # fmt: skip
 
 
 def test_hh_dialogues_become_shared_prompt_and_final_turns():
@@ -105,17 +98,16 @@ def test_dpo_raises_chosen_over_rejected_margin(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in dpo.SHIPPED_PAIRS.read_text().splitlines()][:8]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = namespace(tiny_model_dir, tmp_path / "runs", data)
-    run = RunDir.create(args.runs_dir, args.name, job="finetune", args=vars(args))
-
     before = mean_margin(tiny_model_dir, rows)
-    dpo.train_dpo(args, run, Dist())
+    assert finetune.main(dpo_argv(tiny_model_dir, tmp_path / "runs", data)) == 0
+    run = RunDir(tmp_path / "runs" / "dpo-test")
     after = mean_margin(run.model_dir, rows)
 
     print(f"margin before {before:.2f}, after {after:.2f}")
     assert after > before + 1.0, (before, after)
     meta = run.read_meta()
-    assert meta["status"] == COMPLETED and meta["step"] == 8
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == 8
+    assert meta[RunKey.TRAIN_EXAMPLES] == 8 and meta[RunKey.KEPT_STEP] == 8
     metrics = run.metrics()
     assert all("loss" in r and "reward_margin" in r for r in metrics if "loss" in r)
     assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"]
@@ -134,7 +126,7 @@ def test_sigterm_via_finetune_main_is_interrupted_and_resumes(tiny_model_dir, tm
     import threading
     import time
 
-    from remote.jobs.rundir import INTERRUPTED, read_metrics
+    from remote.jobs.rundir import read_metrics
 
     argv = ["--method", "dpo", "--model", str(tiny_model_dir), "--runs-dir", str(tmp_path),
             "--name", "d", "--batch-size", "4", "--grad-accum", "1", "--max-length", "128",
@@ -157,11 +149,41 @@ def test_sigterm_via_finetune_main_is_interrupted_and_resumes(tiny_model_dir, tm
     err = capsys.readouterr().err
     assert code == 143 and "Traceback" not in err and "--resume --name d" in err
     meta = json.loads((run / "run.json").read_text())
-    stopped = meta["step"]
-    assert meta["status"] == INTERRUPTED and stopped >= 2
+    stopped, first = meta["step"], meta[RunKey.ELAPSED_S]
+    assert meta["status"] == RunState.INTERRUPTED and stopped >= 2 and first > 0
     assert (run / "checkpoints" / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
     assert finetune.main([*argv, "--max-steps", str(stopped + 2), "--resume"]) == 0
     meta = json.loads((run / "run.json").read_text())
-    assert meta["status"] == COMPLETED and meta["step"] == stopped + 2
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == stopped + 2
+    assert set(RunKey) <= set(meta) and meta[RunKey.ELAPSED_S] > first  # both sessions
+    assert meta[RunKey.FINAL_VAL_LOSS] is not None and meta[RunKey.BEST_VAL_LOSS] is not None
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == stopped + 2  # nothing logged twice
+
+
+def test_keep_best_picks_the_lowest_held_out_dpo_loss(tiny_model_dir, tmp_path):
+    """The shipped 32 pairs hold out 3; a learning rate warming up to 0.3 makes the later
+    evaluations worse, and --keep best keeps the step with the lowest DPO val loss."""
+    argv = dpo_argv(tiny_model_dir, tmp_path, dpo.SHIPPED_PAIRS, "--keep", "best")
+    argv[argv.index("--save-steps") + 1] = "2"
+    argv[argv.index("3e-3")] = "0.3"
+    assert finetune.main([*argv, "--eval-steps", "2", "--warmup-steps", "8"]) == 0
+    run = RunDir(tmp_path / "dpo-test")
+    meta = run.read_meta()
+    val = {r["step"]: r["val_loss"] for r in run.metrics() if "val_loss" in r}
+    assert sorted(val) == [2, 4, 6, 8] and meta[RunKey.TRAIN_EXAMPLES] == 29
+    assert meta[RunKey.KEPT_STEP] == min(val, key=val.get) < 8 and val[8] > min(val.values())
+    assert meta[RunKey.BEST_VAL_LOSS] == pytest.approx(min(val.values()))
+    assert meta[RunKey.FINAL_VAL_LOSS] == pytest.approx(val[8])
+
+
+def test_too_few_pairs_for_keep_best_is_refused_before_the_run_dir(
+    tiny_model_dir, tmp_path, capsys
+):
+    rows = [json.loads(line) for line in dpo.SHIPPED_PAIRS.read_text().splitlines()][:5]
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert finetune.main(dpo_argv(tiny_model_dir, tmp_path / "runs", data, "--keep", "best")) == 1
+    err = capsys.readouterr().err
+    assert "--keep best picks the model by validation loss" in err and "from 10 on" in err
+    assert not (tmp_path / "runs").exists()

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from remote.jobs import evaluate
-from remote.jobs.generation import EOS, LENGTH, Answer, Settings, token_loss
-from remote.jobs.presets import load_splits
+from facts import FinishReason, RunState
+from remote.jobs import eval_report, evaluate
+from remote.jobs.dataset import load_splits
+from remote.jobs.generation import Answer, Settings, token_loss
 from remote.jobs.prompts import format_example
-from remote.jobs.rundir import COMPLETED
 
 CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
@@ -52,21 +52,36 @@ def rows_of(table: str) -> list[list[str]]:
 
 
 def test_md_cell_keeps_a_cell_a_cell():
-    cell = evaluate.md_cell("a | b\nc\r\n<script>x</script>")
+    cell = eval_report.md_cell("a | b\nc\r\n<script>x</script>")
     assert "\n" not in cell and "<script>" not in cell
     assert cell == "a \\| b<br>c<br>&lt;script&gt;x&lt;/script&gt;"
-    assert evaluate.md_cell("  ") == "*(empty)*"
+    assert eval_report.md_cell("  ") == "*(empty)*"
 
 
 def test_report_has_a_column_per_model_and_escapes_cells():
     prompts = [evaluate.Prompt("Say | hi", "line one\nline two"), evaluate.Prompt("Count")]
     answers = {
-        "base": [Answer("x | y\nz", LENGTH, 8, 0.1), Answer("1 2 3", LENGTH, 8, 0.1)],
-        "fine-tuned": [Answer("hi", EOS, 1, 0.1), Answer("one|two", EOS, 2, 0.1)],
+        "base": [
+            Answer("x | y\nz", FinishReason.LENGTH, 8, 0.1),
+            Answer("1 2 3", FinishReason.LENGTH, 8, 0.1),
+        ],
+        "fine-tuned": [
+            Answer("hi", FinishReason.EOS, 1, 0.1),
+            Answer("one|two", FinishReason.EOS, 2, 0.1),
+        ],
     }
     summary = {k: evaluate.summarize(v, None) for k, v in answers.items()}
     models = {"base": "gpt2", "fine-tuned": "runs/a/model"}
-    md = evaluate.render_report("r", models, prompts, answers, summary, Settings(), False)
+    report = eval_report.Report(
+        name="r",
+        models=models,
+        rows=[p.row(raw=False) for p in prompts],
+        answers=answers,
+        summary=summary,
+        generation=Settings().describe(),
+        raw=False,
+    )
+    md = eval_report.render_report(report)
     table = rows_of(md.split("## Answers", 1)[1])
     assert table[0] == ["#", "prompt", "base", "fine-tuned"]
     assert len(table) == 2 + len(prompts)  # header, alignment, one row per prompt
@@ -120,7 +135,7 @@ def test_side_by_side_run_reports_who_stops(talker_and_stopper, tmp_path):
     }
     assert all(r["answer"] == "" for r in rows if r["model"] == "fine-tuned")
     meta = json.loads((run / "run.json").read_text())
-    assert meta["status"] == COMPLETED and meta["step"] == meta["max_steps"] == 4
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == meta["max_steps"] == 4
     assert meta["summary"]["fine-tuned"]["stopped_at_eos"] == 2
     assert meta["summary"]["base"]["stopped_at_eos"] == 0
     assert "report.md" in (run / "manifest.sha256").read_text()
@@ -131,14 +146,17 @@ def test_side_by_side_run_reports_who_stops(talker_and_stopper, tmp_path):
 
 
 def test_stop_sequence_ends_an_answer(talker_and_stopper):
-    from remote.jobs.generation import STOP, answer, load_lm
+    from remote.jobs.generation import answer, load_lm
 
     model, tok = load_lm(str(talker_and_stopper[0]))
     free = answer(model, tok, "Hello", Settings(max_new_tokens=6), seed=0)
-    assert free.finish_reason == LENGTH and len(free.text) > 2
+    assert free.finish_reason == FinishReason.LENGTH and len(free.text) > 2
     stop = free.text[2:4]
     cut = answer(model, tok, "Hello", Settings(max_new_tokens=6, stop=(stop,)), seed=0)
-    assert cut.finish_reason == STOP and cut.text == free.text[: free.text.find(stop)].strip()
+    assert (
+        cut.finish_reason == FinishReason.STOP
+        and cut.text == free.text[: free.text.find(stop)].strip()
+    )
     assert cut.new_tokens < free.new_tokens
 
 
@@ -311,4 +329,4 @@ def test_sigint_keeps_the_answers_and_resume_finishes(talker_and_stopper, tmp_pa
     assert len(calls) == 2 + 2  # the resumed run answered only the two prompts left
     rows = [json.loads(x) for x in (run / "report.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
-    assert json.loads((run / "run.json").read_text())["status"] == COMPLETED
+    assert json.loads((run / "run.json").read_text())["status"] == RunState.COMPLETED

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from facts import COST_PER_HOUR_ENV, RunKey, RunState
 from remote.jobs import finetune, rundir
-from remote.jobs.dist import Dist
 from remote.jobs.models import add_lora, save_model
 from remote.jobs.prompts import PROMPT_FORMAT_FILE, format_prompt
 from remote.jobs.trainer_callbacks import last_complete_checkpoint
@@ -49,7 +49,7 @@ def sft_run(tiny_model_dir, tmp_path_factory):
 def test_loss_falls_and_run_dir_is_complete(sft_run):
     path, _ = sft_run
     meta = json.loads((path / "run.json").read_text())
-    assert meta["status"] == rundir.COMPLETED and meta["step"] == 12
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == 12
     assert meta["peak_memory_mb"] > 0 and meta["memory_estimate"]["total_gib"] > 0
     assert meta["examples"] == {"train": 46, "val": 2} and meta["kind"] == "instruction"
     rows = rundir.read_metrics(path / "metrics.jsonl")
@@ -58,6 +58,14 @@ def test_loss_falls_and_run_dir_is_complete(sft_run):
     assert train[-1]["loss"] < train[0]["loss"] - 0.5 and len(val) >= 2 and val[-1] < val[0]
     assert all(r["tokens_per_s"] > 0 for r in train[1:])
     assert meta["batching"] == "packed" and meta["precision"] == "fp32"  # the CPU defaults
+    assert set(RunKey) <= set(meta)  # every key `fab runs --compare` reads
+    assert meta[RunKey.TRAIN_EXAMPLES] == 46 and meta[RunKey.TRAIN_TOKENS] > 46 * 10
+    assert meta[RunKey.KEPT_STEP] == meta[RunKey.MAX_STEPS] == 12  # --keep last
+    assert meta[RunKey.FINAL_VAL_LOSS] == pytest.approx(val[-1]) == meta[RunKey.VAL_LOSS]
+    assert meta[RunKey.BEST_VAL_LOSS] == pytest.approx(min(val))
+    assert meta[RunKey.ELAPSED_S] > 0 and meta[RunKey.COST_USD] == pytest.approx(
+        meta[RunKey.ELAPSED_S] / 3600 * meta[RunKey.COST_PER_HOUR_USD], abs=1e-4
+    )
     for f in ("loss.png", "manifest.sha256", "model/model.safetensors"):
         assert (path / f).is_file(), f
     assert not (path / rundir.TRAINER_CHECKPOINTS).exists()
@@ -83,7 +91,7 @@ def test_existing_run_is_never_overwritten(sft_run, capsys):
     assert finetune.main(args) == 1
     assert "already exists" in capsys.readouterr().err
     assert (path / "model" / "model.safetensors").read_bytes() == before
-    assert json.loads((path / "run.json").read_text())["status"] == rundir.COMPLETED
+    assert json.loads((path / "run.json").read_text())["status"] == RunState.COMPLETED
 
 
 def test_user_errors_stop_before_any_run_dir(tiny_model_dir, tmp_path, capsys):
@@ -102,6 +110,113 @@ def test_user_errors_stop_before_any_run_dir(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "this run needs about" in err and "0.01 GiB" in err and "Traceback" not in err
     assert not runs.exists()
+
+
+def test_keep_best_serves_the_best_evaluation_and_costs_its_time(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A learning rate warming up to 0.5 makes each evaluation worse than the one before: with
+    --keep best, model/ holds the best one's weights (evaluated again, it scores the best val
+    loss), run.json says which step, and the time is priced at $TINYCLOUD_COST_PER_HOUR."""
+    from remote.jobs.models import load_tokenizer
+
+    monkeypatch.setenv(COST_PER_HOUR_ENV, "3.6")
+    data = write_data(tmp_path / "data.jsonl")
+    flags = ("--max-steps", "8", "--lr", "0.5", "--warmup-steps", "8", "--eval-steps", "2")
+    args = argv(tiny_model_dir, data, tmp_path, "best", *flags, "--keep", "best")
+    assert finetune.main(args) == 0
+    run = tmp_path / "best"
+    meta = json.loads((run / "run.json").read_text())
+    val = {
+        r["step"]: r["val_loss"]
+        for r in rundir.read_metrics(run / "metrics.jsonl")
+        if "val_loss" in r
+    }
+    best = min(val, key=val.get)
+    assert sorted(val) == [2, 4, 6, 8] and best < 8 and val[8] > val[best]
+    assert meta[RunKey.KEPT_STEP] == best and meta[RunKey.STEP] == 8
+    assert meta[RunKey.BEST_VAL_LOSS] == pytest.approx(val[best])
+    assert meta[RunKey.FINAL_VAL_LOSS] == pytest.approx(val[8])
+    assert f"model/ holds step {best}'s weights" in (run / "train.log").read_text()
+
+    again = finetune.parse_args([*args[2:], "--model", str(run / "model")])
+    tok = load_tokenizer(again.model)
+    examples = finetune.prepare_data(again, finetune.read_rows(again), tok, 256)
+    targs = finetune.training_arguments(
+        again, tmp_path / "ev", finetune.schedule(again, 8, 1), "cpu"
+    )
+    trainer = finetune.make_trainer(finetune.load_model(again, tok), tok, examples.train,
+                                    examples.val, targs)  # fmt: skip
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(val[best], rel=1e-4)
+
+    assert meta[RunKey.COST_PER_HOUR_USD] == 3.6 and meta[RunKey.ELAPSED_S] > 0
+    assert meta[RunKey.COST_USD] == pytest.approx(meta[RunKey.ELAPSED_S] / 1000, abs=1e-4)
+
+
+def test_sigterm_while_loading_ends_interrupted_and_resumes(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    # The VM's hard cap sends SIGTERM whenever it comes: here while the weights load, before
+    # any step. The job ends as interrupted (not killed, no traceback) and --resume runs it.
+    import signal
+
+    real = finetune.load_model
+
+    def load_then_sigterm(c, tok):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(c, tok)
+
+    monkeypatch.setattr(finetune, "load_model", load_then_sigterm)
+    data = write_data(tmp_path / "data.jsonl", 16)
+    args = argv(tiny_model_dir, data, tmp_path, "cut", "--max-steps", "3")
+    assert finetune.main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "--resume --name cut" in err and "Traceback" not in err
+    meta = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert meta["status"] == RunState.INTERRUPTED and meta[RunKey.ELAPSED_S] > 0
+    monkeypatch.setattr(finetune, "load_model", real)
+    assert finetune.main([*args, "--resume"]) == 0
+    meta = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert meta["status"] == RunState.COMPLETED and meta[RunKey.STEP] == 3
+
+
+def test_course_batching_pads_every_example_to_max_length(tiny_model_dir, tmp_path):
+    # The course recipe's data layout: --batching max-length, every micro-batch as long as
+    # --max-length, whatever its examples.
+    data = write_data(tmp_path / "data.jsonl", 16)
+    args = argv(tiny_model_dir, data, tmp_path, "ml", "--recipe", "course", "--max-steps", "2",
+                "--eval-steps", "2", "--save-steps", "2", "--max-length", "64")  # fmt: skip
+    c = finetune.parse_args(args)
+    assert (c.batching, c.val_fraction, c.keep, c.lr, c.dropout) == (
+        "max-length",
+        0.1,
+        "best",
+        1e-5,
+        0.1,
+    )
+    assert finetune.main(args) == 0
+    meta = json.loads((tmp_path / "ml" / "run.json").read_text())
+    assert meta["examples"] == {"train": 14, "val": 2}  # 90/10 of 16 rows
+    assert meta["batching"] == "max-length" and meta[RunKey.KEPT_STEP] == 2
+
+
+def test_max_length_batching_computes_every_example_at_max_length(tiny_model_dir, tmp_path):
+    import dataclasses
+
+    from remote.jobs.models import load_tokenizer
+    from remote.jobs.sft_batches import tokenize_examples
+
+    c = finetune.parse_args(["--model", str(tiny_model_dir), "--batching", "max-length",
+                             "--max-length", "48", "--max-steps", "2", "--grad-accum", "2",
+                             "--device", "cpu"])  # fmt: skip
+    tok = load_tokenizer(str(tiny_model_dir))  # pad = EOS
+    pairs = [(f"Q{i}: what is {i}?", f" It is {i}." + tok.eos_token) for i in range(16)]
+    feats, _ = tokenize_examples(tok, pairs, c.max_length)
+    targs = finetune.training_arguments(c, tmp_path, finetune.schedule(c, 16, 1), "cpu")
+    targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no")
+    trainer = finetune.make_trainer(finetune.load_model(c, tok), tok, feats, [], targs, pad_to=48)
+    trainer.train()
+    assert len(trainer.shapes) == 4 and all(shape == (4, 48) for shape in trainer.shapes)
 
 
 def test_padded_batching_and_bf16_train_too(tiny_model_dir, tmp_path):
@@ -137,7 +252,7 @@ def test_gpt_neo_base_trains_through_the_same_flags(tiny_model_dir, tmp_path):
     args = argv(neo_dir, data, tmp_path, "neo", "--max-steps", "4", "--lr", "3e-3")
     assert finetune.main(args) == 0
     meta = json.loads((tmp_path / "neo" / "run.json").read_text())
-    assert meta["status"] == rundir.COMPLETED and meta["batching"] == "padded"
+    assert meta["status"] == RunState.COMPLETED and meta["batching"] == "padded"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "neo" / "model")
     assert type(model).__name__ == "GPTNeoForCausalLM"
 
@@ -207,7 +322,7 @@ def test_sigterm_checkpoints_and_resume_continues(tiny_model_dir, tmp_path):
         proc.kill()
         proc.wait()
     meta = json.loads((runs / "long" / "run.json").read_text())
-    assert meta["status"] == rundir.INTERRUPTED
+    assert meta["status"] == RunState.INTERRUPTED
     stopped = int(last_complete_checkpoint(ckpts).rsplit("-", 1)[1])
     assert (stopped >= 3 and stopped == meta["step"]) or stopped >= meta["step"]
     # Resume with a finish line just past the checkpoint: it continues, it does not restart.
@@ -216,7 +331,7 @@ def test_sigterm_checkpoints_and_resume_continues(tiny_model_dir, tmp_path):
     resumed[resumed.index("5000")] = str(target)
     assert finetune.main(resumed) == 0
     meta = json.loads((runs / "long" / "run.json").read_text())
-    assert meta["status"] == rundir.COMPLETED and meta["step"] == target and meta["resumed_at"]
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == target and meta["resumed_at"]
     steps = [r["step"] for r in rundir.read_metrics(runs / "long" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == target  # nothing logged twice
 
@@ -249,7 +364,9 @@ def test_optimizer_flag_builds_that_optimizer_with_the_lr(tiny_model_dir, tmp_pa
     sft = finetune.make_trainer(finetune.load_model(args, tok), tok, [], [], targs,
                                 optimizer=name)  # fmt: skip
     args.method, args.dataset = "dpo", str(dpo.SHIPPED_PAIRS)
-    trainer, _, _ = dpo.build_trainer(args, None, Dist(), [])
+    train, held = dpo.build_pairs(args.dataset, None, tok.eos_token, args.seed)
+    sched = finetune.schedule(args, len(train), 1)
+    trainer = dpo.build_trainer(args, tok, train, held, tmp_path / "dpo", sched, [])
     for opt in (sft.create_optimizer(), trainer.create_optimizer()):
         assert type(opt).__name__ == ("AdamW" if name == "adamw" else "SGD")
         assert opt.defaults.get("fused") is (True if name == "adamw" else None)
@@ -281,7 +398,7 @@ def test_finetune_and_evaluate_run_under_torchrun(tiny_model_dir, tmp_path):
              "--max-steps", "3", "--logging-steps", "1")  # fmt: skip
     assert sorted(p.name for p in runs.iterdir()) == ["ddp"]  # one run dir, named once
     meta = json.loads((runs / "ddp" / "run.json").read_text())
-    assert meta["status"] == rundir.COMPLETED and meta["step"] == 3
+    assert meta["status"] == RunState.COMPLETED and meta["step"] == 3
     rows = [r for r in rundir.read_metrics(runs / "ddp" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]  # one writer: no step twice
     assert (runs / "ddp" / "train.log").read_text().count("model saved to") == 1
@@ -294,7 +411,7 @@ def test_finetune_and_evaluate_run_under_torchrun(tiny_model_dir, tmp_path):
     torchrun("remote.jobs.evaluate", *ev, "--name", "ev2")
     assert evaluate.main([*ev, "--name", "ev1", "--device", "cpu"]) == 0
     one, two = (json.loads((runs / n / "run.json").read_text()) for n in ("ev1", "ev2"))
-    assert two["status"] == rundir.COMPLETED
+    assert two["status"] == RunState.COMPLETED
     for label in ("base", "fine-tuned"):
         assert two["summary"][label]["eval_tokens"] == one["summary"][label]["eval_tokens"]
         assert two["summary"][label]["eval_loss"] == pytest.approx(
@@ -335,7 +452,7 @@ def test_evaluate_signal_to_one_rank_stops_both(tiny_model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     meta = json.loads((tmp_path / "ev" / "run.json").read_text())
-    assert meta["status"] == rundir.INTERRUPTED, proc.stderr.read()[-2000:]
+    assert meta["status"] == RunState.INTERRUPTED, proc.stderr.read()[-2000:]
     assert 4 <= len(report.read_text().splitlines()) < 200  # what was answered is kept
 
 

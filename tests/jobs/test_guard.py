@@ -7,11 +7,11 @@ import signal
 
 import pytest
 
-from remote.jobs import rundir
+from facts import RunState
+from remote.jobs.dataset import DatasetError
 from remote.jobs.errors import Interrupted, JobError
 from remote.jobs.guard import Guard
 from remote.jobs.memory import MemoryEstimateError
-from remote.jobs.presets import DatasetError
 from remote.jobs.rundir import RunDir
 
 
@@ -39,7 +39,7 @@ def ended(tmp_path, exc: BaseException | None, capsys):
 )
 def test_user_errors_are_one_line_exit_1_and_failed(tmp_path, capsys, exc):
     code, meta, err = ended(tmp_path, exc, capsys)
-    assert code == 1 and meta["status"] == rundir.FAILED
+    assert code == 1 and meta["status"] == RunState.FAILED
     assert err == f"error: {str(exc).rstrip('.')}.\n" and meta["error"] == err[7:-1]
 
 
@@ -53,7 +53,7 @@ def test_user_errors_are_one_line_exit_1_and_failed(tmp_path, capsys, exc):
 )
 def test_interrupts_keep_status_interrupted(tmp_path, capsys, exc, code):
     got, meta, err = ended(tmp_path, exc, capsys)
-    assert got == code and meta["status"] == rundir.INTERRUPTED
+    assert got == code and meta["status"] == RunState.INTERRUPTED
     assert "--resume --name r" in err and "Traceback" not in err
     assert meta.get("step") == getattr(exc, "fields", {}).get("step")
 
@@ -62,7 +62,7 @@ def test_a_bug_keeps_its_traceback_and_marks_the_run_failed(tmp_path, capsys):
     with pytest.raises(ZeroDivisionError):
         ended(tmp_path, ZeroDivisionError("bug"), capsys)
     meta = RunDir(tmp_path / "r").read_meta()
-    assert meta["status"] == rundir.FAILED and "ZeroDivisionError" in meta["error"]
+    assert meta["status"] == RunState.FAILED and "ZeroDivisionError" in meta["error"]
 
 
 def test_the_train_log_is_detached_however_the_job_ends(tmp_path, capsys):

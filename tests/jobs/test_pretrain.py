@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from facts import BEST_WEIGHTS, RunKey
 from remote.jobs import rundir
 from remote.jobs.pretrain import main
 
@@ -67,6 +68,12 @@ def test_loss_falls_on_the_shipped_corpus(base_run):
     assert meta["step"] == STEPS and meta["best_val_loss"] == pytest.approx(min(val.values()))
     assert meta["data"]["dtype"] == "uint16" and meta["data"]["documents"] == 8
     assert meta["data"]["val_tokens"] < meta["data"]["train_tokens"] / 5
+    assert set(RunKey) <= set(meta)  # every key `fab runs --compare` reads
+    assert meta[RunKey.TRAIN_TOKENS] == meta["data"]["train_tokens"]
+    assert meta[RunKey.TRAIN_EXAMPLES] is None  # tokens are pretraining's data size
+    assert meta[RunKey.KEPT_STEP] == meta[RunKey.MAX_STEPS] == STEPS  # --keep last
+    assert meta[RunKey.FINAL_VAL_LOSS] == pytest.approx(val[STEPS])
+    assert meta[RunKey.ELAPSED_S] > 0 and meta[RunKey.TOKENS_PER_S] > 0
     log = (base_run / "train.log").read_text()
     assert "tokenizer: a byte-level BPE trained on the corpus" in log  # offline: no gpt2
     assert "sample: A language model" in log
@@ -143,7 +150,49 @@ def test_sigterm_checkpoints_and_resume_continues(runs):
     assert signal.getsignal(signal.SIGTERM) is before  # the job put the handler back
     assert pretrain(runs, "sigterm", "--resume", "--max-steps", str(stopped + 2)) == 0
     assert sorted(rows(run, "loss")) == list(range(1, stopped + 3))
-    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    resumed = json.loads((run / "run.json").read_text())
+    assert resumed["status"] == "completed"
+    assert resumed[RunKey.ELAPSED_S] > meta[RunKey.ELAPSED_S] > 0  # both sessions counted
+
+
+def test_keep_best_keeps_the_best_evaluations_weights(runs):
+    """A learning rate that wrecks the model makes step 0 the best evaluation: --keep best puts
+    those weights in model/ and says which step they are from."""
+    import torch
+    from safetensors.torch import load_file
+
+    args = ["--max-steps", "4", "--eval-interval", "2", "--lr", "5", "--min-lr", "5"]
+    assert pretrain(runs, "best", *args, "--warmup-steps", "0", "--keep", "best") == 0
+    run = runs / "best"
+    val = rows(run, "val_loss")
+    meta = json.loads((run / "run.json").read_text())
+    assert min(val, key=val.get) == 0 < 4 and val[4] > val[0]
+    assert meta[RunKey.KEPT_STEP] == 0 and meta[RunKey.STEP] == 4
+    assert meta[RunKey.BEST_VAL_LOSS] == pytest.approx(val[0])
+    assert meta[RunKey.FINAL_VAL_LOSS] == pytest.approx(val[4])
+    best = torch.load(run / BEST_WEIGHTS, weights_only=True)
+    served = load_file(run / "model" / "model.safetensors")
+    last = torch.load(run / "ckpt.pt", weights_only=True)["model"]
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(served[name], best[name]) and not torch.equal(served[name], last[name])
+    assert BEST_WEIGHTS not in (run / "manifest.sha256").read_text()  # stays on the VM
+
+
+def test_course_recipe_sets_part_1_and_typed_flags_win(runs):
+    from remote.jobs import flags
+    from remote.jobs.pretrain import RECIPES, Config, check_config
+
+    c, _ = flags.parse(Config, ["--recipe", "course"], prog="p", description="",
+                       check=check_config, recipes=RECIPES)  # fmt: skip
+    assert (c.batch_size, c.lr, c.min_lr, c.lr_decay_steps) == (12, 6e-5, 6e-6, 1500)
+    assert (c.max_steps, c.eval_interval, c.eval_iters) == (2000, 1000, 100)
+    assert (c.sample_temperature, c.sample_top_k, c.block_size, c.init) == (0.1, 10, 64, "scratch")
+    # A short run under the recipe, the tiny shape typed over it.
+    assert pretrain(runs, "course", "--recipe", "course", "--max-steps", "2") == 0
+    saved = json.loads((runs / "course" / "run.json").read_text())["args"]
+    assert saved["recipe"] == "course" and saved["lr_decay_steps"] == 1500
+    assert saved["sample_top_k"] == 10 and saved["sample_temperature"] == 0.1
+    assert saved["batch_size"] == 8 and saved["n_layer"] == 2 and saved["max_steps"] == 2
 
 
 @pytest.mark.slow
@@ -312,6 +361,8 @@ BAD_FLAGS = [
     ["--device", "tpu"],
     ["--resume"],
     ["--corpus", "a", "--hf-dataset", "b"],
+    ["--keep", "worst"],
+    ["--sample-temperature", "0"],
 ]
 
 

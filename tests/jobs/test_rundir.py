@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from facts import RunState
 from remote.jobs import rundir
 from remote.jobs.errors import JobError
 from remote.jobs.rundir import RunDir
@@ -23,7 +24,7 @@ def stale_run(root, name="r") -> RunDir:
                 ".ckpt.pt.abc.tmp", "console.log"):  # fmt: skip
         (run.path / rel).parent.mkdir(parents=True, exist_ok=True)
         (run.path / rel).write_text("old")
-    run.finish(rundir.COMPLETED)
+    run.finish(RunState.COMPLETED)
     run.close()
     return run
 
@@ -36,7 +37,7 @@ def test_overwrite_leaves_nothing_of_the_old_run(tmp_path):
     assert sorted(p.name for p in old.path.iterdir()) == ["console.log", "run.json", "train.log"]
     assert (old.path / "console.log").read_text() == "old"
     meta = run.read_meta()
-    assert meta["status"] == rundir.RUNNING and meta["args"] == {"new": 1}
+    assert meta["status"] == RunState.RUNNING and meta["args"] == {"new": 1}
     assert "old run line" not in (run.path / "train.log").read_text()
 
 
@@ -68,3 +69,46 @@ def test_close_detaches_the_train_log(tmp_path):
     assert "for b" not in (a.path / "train.log").read_text()
     assert "for a" not in (b.path / "train.log").read_text()
     assert json.loads((b.path / "run.json").read_text())["name"] == "b"
+
+
+def test_elapsed_time_and_cost_add_up_over_resumes(tmp_path, monkeypatch):
+    # Each session counts from the start of the job's main (count_from), at its own price;
+    # a resume carries the earlier sessions' time and cost on, --overwrite starts from zero.
+    import time
+
+    from facts import COST_PER_HOUR_ENV, RunKey
+
+    monkeypatch.setenv(COST_PER_HOUR_ENV, "0.096")  # m5.large in us-east-1
+    run = RunDir.create(tmp_path, "r", job="pretrain", args={})
+    run.count_from(time.monotonic() - 3600)  # the job started an hour ago
+    meta = run.update(step=1)
+    assert set(RunKey) <= set(meta) and meta[RunKey.STEP] == 1
+    assert 3600 <= meta[RunKey.ELAPSED_S] < 3660 and meta[RunKey.COST_PER_HOUR_USD] == 0.096
+    assert meta[RunKey.COST_USD] == pytest.approx(0.096, abs=0.002)
+    run.finish(RunState.INTERRUPTED)
+    run.close()
+
+    monkeypatch.setenv(COST_PER_HOUR_ENV, "0.192")  # resumed on a bigger instance
+    again = RunDir.create(tmp_path, "r", job="pretrain", args={}, resume=True)
+    again.count_from(time.monotonic() - 1800)
+    meta = again.update(step=2)
+    assert 5400 <= meta[RunKey.ELAPSED_S] < 5460 and meta[RunKey.COST_PER_HOUR_USD] == 0.192
+    assert meta[RunKey.COST_USD] == pytest.approx(0.096 + 0.096, abs=0.003)
+    again.close()
+
+    monkeypatch.delenv(COST_PER_HOUR_ENV)  # local: no price, no cost
+    fresh = RunDir.create(tmp_path, "r", job="pretrain", args={}, overwrite=True)
+    meta = fresh.update(step=0)
+    assert meta[RunKey.ELAPSED_S] < 60 and meta[RunKey.COST_USD] == 0
+    assert meta[RunKey.COST_PER_HOUR_USD] == 0
+    fresh.close()
+
+
+@pytest.mark.parametrize("price", ["cheap", "-1", "nan"])
+def test_a_price_that_is_not_one_counts_zero(price, monkeypatch, caplog):
+    from facts import COST_PER_HOUR_ENV
+
+    monkeypatch.setenv(COST_PER_HOUR_ENV, price)
+    with caplog.at_level(logging.WARNING, logger="tinycloud"):
+        assert rundir.cost_per_hour() == 0.0
+    assert COST_PER_HOUR_ENV in caplog.text

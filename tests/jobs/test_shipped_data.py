@@ -1,7 +1,7 @@
 """The data shipped in remote/jobs/data/: instructions, preference pairs, evaluation prompts.
 
 They are what the offline demo trains and evaluates on, so they must load through the same
-code paths the jobs use (presets.py, evaluate's prompt reader), not just parse as JSON.
+code paths the jobs use (dataset.py, evaluate's prompt reader), not just parse as JSON.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import re
 
 from remote.jobs import dpo, evaluate
-from remote.jobs.presets import INSTRUCTION, PREFERENCE, load_rows
+from remote.jobs.dataset import INSTRUCTION, PREFERENCE, load_rows
 
 DATA = evaluate.DATA
 INSTRUCTIONS = DATA / "instructions.jsonl"

@@ -38,7 +38,7 @@ def test_a_tracker_that_is_not_installed_is_refused_with_the_fix(monkeypatch, tm
         trackers.prepare("tensorboard,wandb", tmp_path / "run")
     text = str(err.value)
     assert "wandb is not installed" in text and "tensorboard" not in text.split(":")[0]
-    assert "`fab setup --track wandb`" in text and "`uv sync --group wandb`" in text
+    assert "`fab setup --groups wandb`" in text and "`uv sync --group wandb`" in text
 
 
 def test_unknown_trackers_are_named(tmp_path):
@@ -100,7 +100,7 @@ def test_lockcheck_reads_a_uv_export_and_names_every_mismatch(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_run_reports_to_all_three_trackers_inside_its_run_dir(tiny_model_dir, tmp_path):
-    """The groups `fab setup --track` adds, installed here by --all-groups: each tracker works
+    """The groups `fab setup --groups` adds, installed here by --all-groups: each tracker works
     offline and leaves its files in the run."""
     data = write_data(tmp_path / "d.jsonl", 8)
     runs = tmp_path / "runs"

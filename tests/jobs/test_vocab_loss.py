@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from remote.jobs.batching import FlattenBatch, PadToLongest, loss_positions, response_loss
 from remote.jobs.models import add_lora, sparse_tied_embedding
 from remote.jobs.packed_attention import use_packed_attention
+from remote.jobs.sft_batches import FlattenBatch, PadToLongest, loss_positions, response_loss
 from remote.jobs.vocab_loss import (
     FUSED_HEAD,
     head_cross_entropy,

@@ -74,6 +74,25 @@ def run_fab(capsys, env: dict[str, str], *args: str) -> FabResult:
     return FabResult(code, out, err)
 
 
+# A pretrain small enough to run in seconds (add --max-steps N).
+TINY_PRETRAIN = (
+    "--n-layer 1 --n-head 1 --n-embd 32 --block-size 32 --batch-size 2 --vocab-size 300 "
+    "--eval-interval 5 --eval-iters 1 --log-interval 1 --sample-tokens 4"
+)
+
+
+@pytest.fixture(name="local")
+def local_fixture(tmp_path):
+    """`--target local` with its state and fetched runs in this test's temp dir."""
+    yield {
+        "TINYCLOUD_TARGET": "local",
+        "TINYCLOUD_HOME": str(tmp_path / "state"),
+        "TINYCLOUD_LOCAL_RUNS": str(tmp_path / "runs"),
+    }
+    for pid_file in (tmp_path / "state" / "local" / "work" / "runs").glob("*/.pid"):
+        kill_group(pid_file)  # a failed test must not leave a 5000-step job behind
+
+
 @pytest.fixture(name="fab")
 def fab_fixture(capsys):
     return lambda env, *args: run_fab(capsys, env, *args)

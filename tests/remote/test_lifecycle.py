@@ -6,7 +6,9 @@ SSH attempt fails at once and `fab` has to explain why from what AWS and the sta
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -48,10 +50,21 @@ def stack(moto, tmp_path):
 
 def test_stop_then_every_host_task_says_run_fab_start_then_start(fab, stack):
     env, iid = stack
+    # What an earlier `fab status` kept of the VM's boot log: one earlier boot of two hours.
+    cache = Path(env["TINYCLOUD_HOME"]) / "dev" / "boots.json"
+    cache.parent.mkdir(parents=True)
+    now = time.time()
+    cache.write_text(json.dumps({"boots": [[now - 30 * 3600, now - 28 * 3600]]}))
     stopped = fab(env, "stop")
     assert stopped.code == 0, stopped.text
     assert f"{iid} is stopped" in stopped.out
     assert _state(env, iid) == "stopped"
+    # The VM did not answer over SSH, so EC2's launch time and the kept boot log speak.
+    assert "(could not read the VM's boot log: cannot reach" in stopped.out
+    assert "this start: 0:00:" in stopped.out and " running ≈ " in stopped.out
+    spent = next(x for x in stopped.out.splitlines() if x.startswith("the stack so far: "))
+    assert spent.endswith("(from the last boot log fab read)"), spent
+    assert "stopped, it costs about $0.016/hour (volume and address)" in stopped.out
 
     status = fab(env, "status")
     assert status.code == 1

@@ -75,13 +75,21 @@ def test_status_table_and_host_line():
             "loss": 1.23456,
             "tokens_per_s": 1234.5,
             "eta_s": 3725,
+            "elapsed_s": 1810.7,
+            "cost_per_hour_usd": 0.112,
+            "cost_usd": 0.0563,
         },
         {"name": "pre", "job": "pretrain", "state": "killed", "step": 7, "max_steps": 50},
+        {"name": "old", "job": "pretrain", "state": "completed", "elapsed_s": 600},
     ]
     table = report.status_table(runs).splitlines()
-    assert table[0].split() == ["RUN", "JOB", "STATE", "STEP", "LOSS", "TOKENS/S", "ETA"]
-    assert table[1].split() == ["ft", "finetune", "running", "40/100", "1.2346", "1,234", "1h02m"]
-    assert table[2].split() == ["pre", "pretrain", "killed", "7/50", "-", "-", "-"]
+    header = ["RUN", "JOB", "STATE", "STEP", "LOSS", "TOKENS/S", "TIME", "COST", "ETA"]
+    assert table[0].split() == header
+    assert table[1].split() == [
+        *("ft", "finetune", "running", "40/100", "1.2346", "1,234", "0:30:10", "$0.06", "1:02:05")
+    ]
+    assert table[2].split() == ["pre", "pretrain", "killed", "7/50", "-", "-", "-", "-", "-"]
+    assert table[3].split() == ["old", "pretrain", "completed", "-", "-", "-", "0:10:00", "-", "-"]
     line = report.host_line(
         {
             "cpus": 2,
@@ -210,7 +218,8 @@ def test_tgi_launch_script_is_rendered_for_the_model_and_needs_docker(tmp_path, 
     assert "/home/ubuntu/tinycloud/runs/ft/model" in script
     assert "255" in script and "256" in script  # max input / total tokens from n_positions
     assert "'k3y'\"'\"'quote'" in script  # shell-quoted, never bare
-    (tmp_path / "bin").mkdir()
-    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a host without Docker (CI has one now)
+    bare = tmp_path / "bin"  # a host without Docker: a PATH with nothing on it (CI installs
+    bare.mkdir()  # docker.io in /usr/bin for the booted-VM tests, so /usr/bin will not do)
+    monkeypatch.setenv("PATH", str(bare))
     with pytest.raises(Exit, match="--engine tgi needs Docker"):
         start_tgi(LocalRunner(tmp_path / "work"), script)

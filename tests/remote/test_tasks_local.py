@@ -12,23 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from remote_harness import fab_fixture, kill_group  # noqa: F401
-
-FLAGS = (
-    "--n-layer 1 --n-head 1 --n-embd 32 --block-size 32 --batch-size 2 --vocab-size 300 "
-    "--eval-interval 5 --eval-iters 1 --log-interval 1 --sample-tokens 4"
-)
-
-
-@pytest.fixture
-def local(tmp_path):
-    yield {
-        "TINYCLOUD_TARGET": "local",
-        "TINYCLOUD_HOME": str(tmp_path / "state"),
-        "TINYCLOUD_LOCAL_RUNS": str(tmp_path / "runs"),
-    }
-    for pid_file in (tmp_path / "state" / "local" / "work" / "runs").glob("*/.pid"):
-        kill_group(pid_file)  # a failed test must not leave a 5000-step job behind
+from remote_harness import TINY_PRETRAIN as FLAGS
+from remote_harness import fab_fixture, kill_group, local_fixture  # noqa: F401
 
 
 def _meta(env: dict[str, str]) -> dict:
@@ -47,6 +32,9 @@ def test_local_train_cancel_resume_follow_fetch(fab, local):
     assert started.code == 0, started.text
     work = Path(local["TINYCLOUD_HOME"]) / "local" / "work"
     assert str(work / "runs" / "loc") in started.out
+    pid = int((work / "runs" / "loc" / ".pid").read_text())
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert b"TINYCLOUD_COST_PER_HOUR=0.0" in environ, "a local job is told it costs nothing"
 
     deadline = time.monotonic() + 240
     while (_meta(local).get("step") or 0) < 3:

@@ -57,22 +57,22 @@ def test_setup_twice_second_run_does_no_work(fab, vm, sshd):
     assert done.returncode == 0, "the environment setup recorded does not run"
 
 
-def test_a_new_set_of_pins_rebuilds_the_environment_and_trackers_are_remembered(fab, vm, sshd):
+def test_a_new_set_of_pins_rebuilds_the_environment_and_groups_are_remembered(fab, vm, sshd):
     uv_log = Path(vm["TINYCLOUD_UV"]).with_name("uv.log")
     assert fab(vm, "setup").code == 0
     before = len(uv_log.read_text().splitlines())
-    tracked = fab(vm, "setup", "--track", "tensorboard")  # another set of pins: rebuilt
+    tracked = fab(vm, "setup", "--groups", "tensorboard")  # another set of pins: rebuilt
     assert tracked.code == 0, tracked.text
     assert "environment built from uv.lock" in tracked.out and "with tensorboard" in tracked.out
     assert len(uv_log.read_text().splitlines()) == before + 2  # uv venv + uv pip install
     assert "tensorboard==" in (sshd.work / "requirements.txt").read_text()
     kept = fab(vm, "setup")
     assert "environment up to date" in kept.out and "with tensorboard" in kept.out, kept.text
-    dropped = fab(vm, "setup", "--track", "none")
+    dropped = fab(vm, "setup", "--groups", "none")
     assert "environment built from uv.lock" in dropped.out, dropped.text
     assert "tensorboard" not in (sshd.work / "requirements.txt").read_text()
-    unknown = fab(vm, "setup", "--track", "comet")
-    assert unknown.code == 1 and "choose from tensorboard, mlflow, wandb" in unknown.err
+    unknown = fab(vm, "setup", "--groups", "comet")
+    assert unknown.code == 1 and "choose from notebook, tensorboard, mlflow, wandb" in unknown.err
 
 
 def test_sftp_sync_sends_only_changed_files_and_deletes_stale_ones(fab, vm, sshd):
@@ -208,6 +208,9 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert _alive(pid), "fab returned but the job is gone: it was not detached"
     assert Path(f"/proc/{pid}").stat().st_uid == sshd.uid, "the job runs as the login user"
     assert os.getsid(pid) == pid, "the job must lead its own session (setsid)"
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    rate = _outputs(vm)["cost_per_hour"]["running_usd"]
+    assert f"TINYCLOUD_COST_PER_HOUR={rate}".encode() in environ, "the stack's price, for run.json"
 
     twice = fab(vm, "train", "pretrain", "--name", RUN, "--args", JOB_FLAGS)
     assert twice.code == 1 and "is still" in twice.err, twice.text
@@ -261,7 +264,8 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert f"resumed {RUN} at step" in log
     final = fab(vm, "status")
     assert " completed " in next(x for x in final.out.splitlines() if x.startswith(RUN))
-    assert final.out.splitlines()[-1].startswith("host: ")
+    assert any(line.startswith("host: ") for line in final.out.splitlines())
+    assert "vm: up " in final.out  # the stand-in stack has prices, the VM an uptime
 
 
 @pytest.mark.slow

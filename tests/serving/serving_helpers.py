@@ -6,7 +6,9 @@ a conftest.py so ``from conftest import ...`` elsewhere in the suite is never sh
 
 from __future__ import annotations
 
+import collections
 import json
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,19 @@ from conftest import (  # noqa: F401  (re-exported for the serving tests)
     stop_subprocess_server,
     wait_for_health,
 )
+
+
+def drain(proc: subprocess.Popen, keep: int = 200) -> collections.deque[str]:
+    """Read a server subprocess's output as it comes (its last ``keep`` lines are returned), so
+    a busy server never blocks on a full pipe: thousands of access-log lines overflow one."""
+    tail: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            tail.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return tail
 
 
 class ThreadServer:

@@ -28,7 +28,7 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
     return predicate()
 
 
-# --- the model pass ---------------------------------------------------------------------------
+# --- the model pass -------------------------------------------------------------------------------
 
 
 def test_runner_matches_transformers_prefill_decode_and_slot_moves(tiny_model_dir):
@@ -69,7 +69,7 @@ def test_int8_logits_stay_close_to_fp32(tiny_model_dir):
     assert agree >= 0.9, agree
 
 
-# --- EOS --------------------------------------------------------------------------------------
+# --- EOS ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

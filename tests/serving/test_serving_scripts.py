@@ -20,6 +20,7 @@ import httpx
 import pytest
 from serving_helpers import ROOT, start_subprocess_server, stop_subprocess_server
 
+from facts import API_KEY_ENV
 from serving import constants as C
 from serving.templates import render_launch_script, render_prompt_script, token_limits
 
@@ -35,7 +36,7 @@ def cli_server(tiny_model_dir):
     from conftest import free_port
 
     port = free_port()
-    proc = start_subprocess_server(["--model", str(tiny_model_dir)], port, {C.API_KEY_ENV: KEY})
+    proc = start_subprocess_server(["--model", str(tiny_model_dir)], port, {API_KEY_ENV: KEY})
     yield port
     stop_subprocess_server(proc)
 
@@ -65,7 +66,7 @@ def launch_kwargs(model_dir, port, **over):
     return {**kw, **over}
 
 
-# --- the server's command line ---------------------------------------------------------------
+# --- the server's command line --------------------------------------------------------------------
 
 
 def test_cli_refuses_a_missing_model_clearly(tmp_path):
@@ -81,13 +82,7 @@ def test_cli_refuses_a_missing_model_clearly(tmp_path):
     assert r.stderr.startswith("error: could not load the model") and "Traceback" not in r.stderr
 
 
-def test_prompt_format_file_name_matches_the_jobs():
-    from remote.jobs.prompts import PROMPT_FORMAT_FILE
-
-    assert C.PROMPT_FORMAT_FILE == PROMPT_FORMAT_FILE
-
-
-# --- prompt.sh -----------------------------------------------------------------------------------
+# --- prompt.sh ------------------------------------------------------------------------------------
 
 
 def run_prompt(script, *args, env=None, cwd=None):
@@ -121,8 +116,8 @@ def test_prompt_sh_sends_the_prompt_intact(cli_server, tmp_path, tiny_model_dir)
     r = run_prompt(script, HOSTILE, "300", cwd=tmp_path)
     assert r.returncode == 1
     assert (
-        f"HTTP 422: `inputs` tokens + `max_new_tokens` must be <= 256. Given: {n} `inputs`"
-        in r.stderr
+        "HTTP 422: Input validation error: `inputs` tokens + `max_new_tokens` must be <= 256. "
+        f"Given: {n} `inputs`" in r.stderr
     )
 
 
@@ -131,7 +126,7 @@ def test_prompt_sh_errors_are_clear(cli_server, tmp_path):
     keyless = write_script(tmp_path / "p.sh", render_prompt_script(url=url, api_key=None))
     r = run_prompt(keyless, "hi")
     assert r.returncode == 1 and "HTTP 401" in r.stderr and "Bearer" in r.stderr
-    r = run_prompt(keyless, "hi", "3", env={C.API_KEY_ENV: KEY})  # the environment's key
+    r = run_prompt(keyless, "hi", "3", env={API_KEY_ENV: KEY})  # the environment's key
     assert r.returncode == 0, r.stderr
     assert run_prompt(keyless).returncode == 2
     assert "positive integer" in run_prompt(keyless, "hi", "ten").stderr
@@ -144,7 +139,7 @@ def test_prompt_sh_errors_are_clear(cli_server, tmp_path):
     assert r.returncode == 1 and "could not reach" in r.stderr
 
 
-# --- launch_gpt2.sh ------------------------------------------------------------------------------
+# --- launch_gpt2.sh -------------------------------------------------------------------------------
 
 FAKE_DOCKER = """#!/usr/bin/env bash
 # Records each call as a JSON line, and the --env-file contents if any; plays a healthy daemon.

@@ -19,41 +19,57 @@ from pathlib import Path
 import httpx
 import pytest
 import tgi_standin
-from conftest import ROOT, chat_in_chromium
+from conftest import ROOT, chat_in_chromium, free_port
 from vm_harness import (  # noqa: F401 (pytest fixtures)
-    API_PORT,
+    MAX_RUN_HOURS,
     STACK,
     booted_vm_fixture,
     fab_fixture,
     wait_until,
 )
 
+from facts import (
+    API_PORT,
+    RUNS_ENV,
+    SSH_USER,
+    VM_BOOT_LOG,
+    VM_KEEP_AWAKE,
+    VM_READY_MARKER,
+    VM_RUNS_DIR,
+    VM_SETTINGS,
+    VM_WORK_DIR,
+)
 from infra import cloud_init
+from remote.notebook import PORT as NOTEBOOK_PORT
 from serving.constants import DEFAULT_IMAGE
+from tests.remote.remote_harness import fab_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-VENV_PYTHON = f"{cloud_init.TINYCLOUD_DIR}/.venv/bin/python"
+VENV_PYTHON = f"{VM_WORK_DIR}/.venv/bin/python"
+# The optional groups the VM gets: JupyterLab for `fab notebook`, a tracker for --report-to.
+OPTIONAL = ("notebook", "tensorboard")
 
 
 def test_setup_waits_for_the_first_boot_and_installs_exactly_what_uv_lock_pins(fab, booted_vm):
     # As EC2's status checks do, wait for sshd; cloud-init is still installing Docker then.
     wait_until("sshd", lambda: _port_open(booted_vm.ip, 22), 120, 0.5)
     # PyTorch's CPU index is out of reach here: torch comes from PyPI, as uv.lock has it.
-    setup = ("setup", "--torch-backend", "pypi", "--track", "tensorboard")
+    setup = ("setup", "--torch-backend", "pypi", "--groups", ",".join(OPTIONAL))
     first = fab(booted_vm.env, *setup)
     assert first.code == 0, first.text
     assert "waiting for cloud-init to finish (status: running" in first.out, first.out
-    assert "environment built from uv.lock" in first.out and "with tensorboard" in first.out
+    assert "environment built from uv.lock" in first.out
+    assert f"with {', '.join(OPTIONAL)}" in first.out, first.out
     assert re.search(r"all \d+ pinned packages installed as locked", first.out), first.out
-    assert " + tensorboard==" in first.err  # uv lists what it installed
+    assert " + tensorboard==" in first.err and " + jupyterlab==" in first.err  # uv's list
     installed = _installed(booted_vm)
-    locked = _locked_for(booted_vm, ("train", "serve", "tensorboard"))
+    locked = _locked_for(booted_vm, ("train", "serve", *OPTIONAL))
     assert installed == locked, "the VM's environment differs from uv.lock"
-    python = booted_vm.root(f"readlink -f {cloud_init.TINYCLOUD_DIR}/.venv/bin/python").stdout
+    python = booted_vm.root(f"readlink -f {VM_WORK_DIR}/.venv/bin/python").stdout
     assert python.strip().startswith("/usr/bin/python3"), "not the host's own python3"
 
-    again = fab(booted_vm.env, "setup", "--torch-backend", "pypi")  # the tracker is remembered
+    again = fab(booted_vm.env, "setup", "--torch-backend", "pypi")  # the groups are remembered
     assert again.code == 0, again.text
     assert "code: 0 file(s) updated" in again.out and "environment up to date" in again.out
 
@@ -68,21 +84,26 @@ def test_first_boot_runs_the_user_data_cleanly(booted_vm):
     assert report["errors"] == [], report
     assert report["recoverable_errors"] == {}, report  # no WARNING, no DEPRECATED key
     assert vm.root("systemctl --failed --no-legend --plain").stdout.strip() == ""
-    units = "tinycloud-activity.service tinycloud-idle.timer docker.service ssh.service"
-    assert vm.root(f"systemctl is-active {units}").stdout.split() == ["active"] * 4
-    assert vm.root(f"test -e {cloud_init.READY_MARKER}").returncode == 0
+    units = (
+        "tinycloud-activity.service tinycloud-idle.timer tinycloud-cap.timer "
+        "docker.service ssh.service"
+    )
+    assert vm.root(f"systemctl is-active {units}").stdout.split() == ["active"] * 5
+    assert vm.root(f"test -e {VM_READY_MARKER}").returncode == 0
+    settings = vm.root(f"cat {VM_SETTINGS}").stdout
+    assert f"TINYCLOUD_MAX_RUN_HOURS={MAX_RUN_HOURS}" in settings.splitlines(), settings
 
-    runs = vm.root(f"stat -c '%U:%G' {cloud_init.RUNS_DIR}").stdout.strip()
-    assert runs == f"{cloud_init.SSH_USER}:{cloud_init.SSH_USER}"
+    runs = vm.root(f"stat -c '%U:%G' {VM_RUNS_DIR}").stdout.strip()
+    assert runs == f"{SSH_USER}:{SSH_USER}"
     environment = vm.root("cat /etc/environment").stdout
-    assert f"TINYCLOUD_RUNS={cloud_init.RUNS_DIR}" in environment.splitlines()
+    assert f"{RUNS_ENV}={VM_RUNS_DIR}" in environment.splitlines()
 
     # The host key is the rendered one and the only one; the login key is the stack's.
     host_keys = vm.root("cat /etc/ssh/ssh_host_*_key.pub").stdout.splitlines()
     assert [" ".join(k.split()[:2]) for k in host_keys] == [vm.host_public_key]
-    authorized = vm.root(f"cat /home/{cloud_init.SSH_USER}/.ssh/authorized_keys").stdout
+    authorized = vm.root(f"cat /home/{SSH_USER}/.ssh/authorized_keys").stdout
     assert vm.login_public_key in authorized
-    groups = vm.root(f"id -nG {cloud_init.SSH_USER}").stdout.split()
+    groups = vm.root(f"id -nG {SSH_USER}").stdout.split()
     assert {"sudo", "docker"} <= set(groups)
     assert vm.root("docker info --format '{{.ServerVersion}}'").stdout.strip()
     assert vm.root("uv --version").stdout.startswith("uv ")
@@ -99,6 +120,37 @@ def test_a_machine_with_another_host_key_is_refused(fab, booted_vm, tmp_path):
     refused = fab(env, "status")
     assert refused.code == 1
     assert "does not match the pinned one" in refused.err, refused.text
+
+
+def test_fab_notebook_reaches_jupyterlab_on_the_vm_through_its_tunnel(fab, booted_vm):
+    """The `notebook` group `fab setup --groups notebook` added: JupyterLab runs on the VM,
+    on its loopback only, and this machine reaches it through `fab notebook`'s SSH tunnel."""
+    local = free_port()
+    proc = fab_cli(booted_vm.env, "notebook", "--local-port", str(local))
+    try:
+        url = next((line.split()[1] for line in proc.stdout if line.startswith("open http")), "")
+        assert url.startswith(f"http://127.0.0.1:{local}/lab/"), "fab notebook printed no URL"
+        token = url.split("token=")[1]
+        status = f"http://127.0.0.1:{local}/api/status"
+        auth = {"Authorization": f"token {token}"}
+        wait_until("JupyterLab through the tunnel", lambda: _get(status, auth) == 200, 90, 1)
+        assert _get(status, {}) == 403, "the server must want its token"
+    finally:
+        proc.terminate()  # what Ctrl-C does: the tunnel ends, the server stays
+        proc.wait(30)
+    listening = booted_vm.root(f"ss -ltnH 'sport = :{NOTEBOOK_PORT}'").stdout
+    assert f"127.0.0.1:{NOTEBOOK_PORT}" in listening, listening
+    assert "0.0.0.0" not in listening and "*:" not in listening, listening
+    assert not _port_open(booted_vm.ip, NOTEBOOK_PORT), "JupyterLab must not face the network"
+    stopped = fab(booted_vm.env, "notebook", "--stop")
+    assert stopped.code == 0 and "stopped the notebook server" in stopped.out, stopped.text
+
+
+def _get(url: str, headers: dict[str, str]) -> int:
+    try:
+        return httpx.get(url, headers=headers, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0
 
 
 def _installed(vm) -> dict[str, str]:
@@ -168,7 +220,7 @@ def _canonical(name: str) -> str:
 
 
 RUN = "vm-finetune"
-DATASET = f"{cloud_init.TINYCLOUD_DIR}/remote/jobs/data/instructions.jsonl"  # shipped by setup
+DATASET = f"{VM_WORK_DIR}/remote/jobs/data/instructions.jsonl"  # shipped by setup
 
 
 def _finetune_flags(model: str, *extra: str) -> str:
@@ -184,13 +236,13 @@ def test_a_tracker_setup_did_not_add_is_refused_before_the_run_starts(
         booted_vm.env, "train", "finetune", "--name", "vm-wandb", "--follow", "--args", flags
     )
     assert refused.code == 1, refused.text
-    assert "fab setup --track wandb" in refused.out, refused.text
+    assert "fab setup --groups wandb" in refused.out, refused.text
     run_dir = booted_vm.home() / "tinycloud/runs/vm-wandb"
     assert not (run_dir / "run.json").exists(), "refused before its run started"
 
 
 def test_finetune_status_logs_and_a_verified_fetch(fab, booted_vm):
-    model = f"/home/{cloud_init.SSH_USER}/inbox/model"
+    model = f"/home/{SSH_USER}/inbox/model"
     flags = _finetune_flags(
         model, "--limit 24 --max-steps 3 --batch-size 4 --report-to tensorboard"
     )
@@ -281,8 +333,8 @@ def test_idle_auto_stop_for_real_and_the_runs_survive_a_reboot(fab, booted_vm):
     hold = IDLE_S + 3 * TICK  # longer than the limit, with a check or two to spare
 
     # A running job keeps it up (and nothing else is happening meanwhile).
-    flags = _finetune_flags(f"/home/{cloud_init.SSH_USER}/inbox/model", "--max-steps 5000")
-    keep_awake = f"{cloud_init.KEEP_AWAKE_MARKER}"  # while torch loads, before run.json says so
+    flags = _finetune_flags(f"/home/{SSH_USER}/inbox/model", "--max-steps 5000")
+    keep_awake = VM_KEEP_AWAKE  # while torch loads, before run.json says so
     vm.root(f"touch {keep_awake}")
     busy = fab(vm.env, "train", "finetune", "--name", "vm-busy", "--args", flags)
     assert busy.code == 0, busy.text
@@ -398,3 +450,21 @@ def _healthy(vm, port: int = API_PORT) -> bool:
         return httpx.get(f"http://{vm.ip}:{port}/health", timeout=3).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_run_time_cap_logs_each_boot_and_minds_max_run_hours(booted_vm):
+    """tinycloud-cap, as its timer runs it (its first run is a minute after boot; started here,
+    the same oneshot service): after the reboot above, the boot log `fab status` sums holds
+    the first boot's line (written by the timer while it ran) and this boot's; and, far below
+    the 12-hour cap, nothing was stopped."""
+    vm = booted_vm
+    ran = vm.root("systemctl start tinycloud-cap.service", check=False)
+    assert ran.returncode == 0, ran.stderr + vm.root("journalctl -u tinycloud-cap -o cat").stdout
+    boot_id = vm.root("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    lines = [line.split() for line in vm.root(f"cat {VM_BOOT_LOG}").stdout.splitlines()]
+    mine = [fields for fields in lines if fields[0] == boot_id]
+    assert len(mine) == 1 and int(mine[0][1]) <= int(mine[0][2]), lines
+    assert len({fields[0] for fields in lines}) >= 2, f"the first boot is not logged: {lines}"
+    said = vm.root("journalctl -u tinycloud-cap.service -o cat --no-pager").stdout
+    assert f"of {MAX_RUN_HOURS * 60} min" in said and "powering off" not in said, said
+    assert vm.machine.running

@@ -17,8 +17,9 @@ from host_docker import host_docker
 from host_docker import missing as no_docker
 from vm_harness import SESSIONS
 
+from facts import API_PORT
 from remote.render import render_launch_script
-from serving.constants import DEFAULT_CONTAINER_NAME, DEFAULT_IMAGE, DEFAULT_PORT
+from serving.constants import DEFAULT_CONTAINER_NAME, DEFAULT_IMAGE
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_the_rendered_script_starts_tgi_on_a_real_engine(tiny_model_dir, tmp_pat
     script.write_text(
         render_launch_script(
             model_dir=str(tiny_model_dir),
-            api_port=DEFAULT_PORT,
+            api_port=API_PORT,
             api_key=API_KEY,
             gpu=False,
             n_positions=config["n_positions"],
@@ -51,12 +52,12 @@ def test_the_rendered_script_starts_tgi_on_a_real_engine(tiny_model_dir, tmp_pat
 
         launched = engine.run_in_netns([str(script)], env={"HOME": str(home)}, timeout=300)
         assert launched.returncode == 0, launched.stdout + launched.stderr
-        assert f"TGI is up: http://127.0.0.1:{DEFAULT_PORT}" in launched.stdout
+        assert f"TGI is up: http://127.0.0.1:{API_PORT}" in launched.stdout
 
         inspect = json.loads(engine.docker("inspect", DEFAULT_CONTAINER_NAME).stdout)[0]
         host = inspect["HostConfig"]
         assert host["RestartPolicy"]["Name"] == "unless-stopped"
-        assert host["PortBindings"]["80/tcp"] == [{"HostIp": "", "HostPort": str(DEFAULT_PORT)}]
+        assert host["PortBindings"]["80/tcp"] == [{"HostIp": "", "HostPort": str(API_PORT)}]
         assert host["NanoCpus"] > 0 and host["ShmSize"] == 1024**3
         assert sorted(host["Binds"]) == sorted(
             [f"{tiny_model_dir}:/model", f"{home / 'tgi-data'}:/data"]
@@ -72,7 +73,7 @@ def test_the_rendered_script_starts_tgi_on_a_real_engine(tiny_model_dir, tmp_pat
         assert (data / "tgi-key.sha256").read_text().strip() == sent  # via the env file
         assert API_KEY not in json.dumps(inspect["Args"]) + json.dumps(inspect["Path"])
         health = engine.run_in_netns(
-            ["curl", "-fsS", f"http://127.0.0.1:{DEFAULT_PORT}/health"], env={}
+            ["curl", "-fsS", f"http://127.0.0.1:{API_PORT}/health"], env={}
         )
         assert health.returncode == 0 and health.stdout.strip() == "ok"
 

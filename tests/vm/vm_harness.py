@@ -4,10 +4,11 @@
 
 ``booted_vm`` (session): the cached image (vm_image.py) copied, seeded and booted (vm_machine.py)
 with the user data `pulumi up` would give it: ``infra.cloud_init.render_user_data`` with a fresh
-ed25519 host key pair, port 8080 and the default 60 idle minutes. Its login key is a fresh
-ed25519 pair too, in ``meta-data`` as EC2 hands it to cloud-init. ``BootedVm.env`` is what
-`fab` needs: a stack-outputs document like `pulumi stack output --json --show-secrets` writes,
-naming the VM's address and the rendered host key, plus local state folders.
+ed25519 host key pair and the stack's defaults (port 8080, 60 idle minutes, a 12-hour run cap).
+Its login key is a fresh ed25519 pair too, in ``meta-data`` as EC2 hands it to cloud-init.
+``BootedVm.env`` is what `fab` needs: a stack-outputs document like `pulumi stack output --json
+--show-secrets` writes, naming the VM's address and the rendered host key, plus local state
+folders.
 
 Needs root, ``mmdebstrap``, ``systemd-nspawn`` (systemd-container), ``ip``, ``nft`` and the
 registries (Debian's archive, PyPI); a machine without them skips, CI (which installs them)
@@ -32,12 +33,15 @@ import vm_image
 import vm_machine
 from conftest import LOCAL_TEST_NETWORKS, ROOT
 
+from facts import API_PORT, SSH_USER, Output
 from infra import cloud_init
+from infra.config import DEFAULTS
 from tests.remote.remote_harness import run_fab
 
 SESSIONS = Path(os.environ.get("TINYCLOUD_VM_SESSIONS", "/var/tmp/tinycloud-vm"))
-API_PORT = 8080  # the stack's default apiPort
-IDLE_MINUTES = 60  # the stack's default idleStopMinutes
+# The stack's defaults, as `pulumi up` with no config renders them.
+IDLE_MINUTES = DEFAULTS["idleStopMinutes"]
+MAX_RUN_HOURS = DEFAULTS["maxRunHours"]
 STACK = "vmboot"  # the stack's name, from its outputs file: .tinycloud/vmboot/, rendered/vmboot/
 
 
@@ -67,7 +71,7 @@ class BootedVm:
 
     def home(self) -> Path:
         """/home/ubuntu on the VM's disk, seen from here."""
-        return self.machine.root / "home" / cloud_init.SSH_USER
+        return self.machine.root / "home" / SSH_USER
 
     def upload(self, src: Path, dest: str) -> str:
         """Put ``src`` at ``dest`` (under /home/ubuntu) as the VM's user owns it: an upload."""
@@ -77,10 +81,8 @@ class BootedVm:
             shutil.copytree(src, target)
         else:
             shutil.copy2(src, target)
-        self.root(
-            f"chown -R {cloud_init.SSH_USER}: /home/{cloud_init.SSH_USER}/{dest.split('/')[0]}"
-        )
-        return f"/home/{cloud_init.SSH_USER}/{dest}"
+        self.root(f"chown -R {SSH_USER}: /home/{SSH_USER}/{dest.split('/')[0]}")
+        return f"/home/{SSH_USER}/{dest}"
 
     def boot(self) -> None:
         self.machine.boot()
@@ -111,15 +113,15 @@ def write_outputs(path: Path, vm: vm_machine.Machine, private_key: str, host_pub
     net = vm.network
     outputs = {
         **recorded,
-        "instance_id": "",
-        "public_dns": net.vm_ip,
-        "public_ip": net.vm_ip,
-        "api_port": API_PORT,
-        "api_url": f"http://{net.vm_ip}:{API_PORT}",
-        "private_key": private_key,
-        "host_public_key": host_public,
-        "allowed_cidrs": [f"{net.host_ip}/32"],
-        "ssh_user": cloud_init.SSH_USER,
+        Output.INSTANCE_ID: "",
+        Output.PUBLIC_DNS: net.vm_ip,
+        Output.PUBLIC_IP: net.vm_ip,
+        Output.API_PORT: API_PORT,
+        Output.API_URL: f"http://{net.vm_ip}:{API_PORT}",
+        Output.PRIVATE_KEY: private_key,
+        Output.HOST_PUBLIC_KEY: host_public,
+        Output.ALLOWED_CIDRS: [f"{net.host_ip}/32"],
+        Output.SSH_USER: SSH_USER,
     }
     path.write_text(json.dumps(outputs, indent=2))
     return path
@@ -150,6 +152,7 @@ def booted_vm_fixture(tmp_path_factory):
             api_port=API_PORT,
             idle_stop_minutes=IDLE_MINUTES,
             gpu=False,
+            max_run_hours=MAX_RUN_HOURS,
         )
         vm.seed(user_data, meta_data(vm, login_public))
         state = tmp_path_factory.mktemp("vm-fab")

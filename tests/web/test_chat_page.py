@@ -7,7 +7,6 @@ context, so localStorage starts empty. Screenshots land in test-artifacts/web/.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import re
@@ -15,150 +14,31 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    ROOT,
-    build_tiny_model,
-    free_port,
-    start_subprocess_server,
-    stop_subprocess_server,
+from conftest import build_tiny_model, free_port
+from web_harness import (  # noqa: F401 (pytest fixtures)
+    API_KEY,
+    ARTIFACTS,
+    FINISH_REASONS,
+    SAMPLING,
+    XSS,
+    browser_fixture,
+    bucket,
+    expected_prompt,
+    open_chat_fixture,
+    running_server,
 )
+from web_harness import auth as _auth
 
 from remote.jobs.prompts import PROMPT_FORMAT
 from serving import constants as C
-from web.render import render_chat_page
 
 pytestmark = pytest.mark.slow
-
-API_KEY = 'key-with-"quotes"-</script>'
-ARTIFACTS = ROOT / "test-artifacts" / "web"
-XSS = ["<img src=x onerror=alert(1)>", "<script>alert(2)</script>", '"><svg onload=alert(3)>']
-FINISH_REASONS = {"length", "eos_token", "stop_sequence"}
-# The tiny random model answers greedy requests with newlines only; sampling gives visible text.
-SAMPLING = {"temperature": 1, "top_k": 0, "top_p": 1, "repetition_penalty": 1}
-
-
-# --- the real server and the real browser -----------------------------------------------------
-
-
-@contextlib.contextmanager
-def running_server(model_dir: Path, *extra: str):
-    """The real native server on a free port, one thread (the machine is shared)."""
-    port = free_port()
-    args = ["--model", str(model_dir), *extra, "--api-key", API_KEY, "--cors-origin", "null"]
-    proc = start_subprocess_server(args, port, {"TINYCLOUD_API_KEY": ""})
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_subprocess_server(proc)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     with running_server(tiny_model_dir) as base:
         yield base
-
-
-def _auth(key: str = API_KEY) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-class Chat:
-    """A page opened from disk, with everything a test needs to watch it."""
-
-    def __init__(self, browser, path: Path, viewport=None):
-        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
-        self.page = self.context.new_page()
-        self.dialogs: list[str] = []
-        self.errors: list[str] = []
-        self.requests: list[dict] = []
-        self.page.on("dialog", self._on_dialog)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("request", self._on_request)
-        self.url = path.as_uri()
-        self.page.goto(self.url)
-
-    def _on_dialog(self, dialog) -> None:
-        self.dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    def _on_request(self, request) -> None:
-        if request.url.endswith("/generate_stream") and request.method == "POST":
-            self.requests.append(json.loads(request.post_data))
-
-    def wait_online(self) -> None:
-        self.page.wait_for_selector('#health[data-state="up"]', timeout=10_000)
-        named = "document.getElementById('model-name').textContent"
-        self.wait(f"{named} !== 'unknown'")
-
-    def wait(self, expression: str, timeout: float = 20_000) -> None:
-        """Wait until a JS expression is true. Passed as a function, so the page's CSP (no eval)
-        stays on in every test."""
-        self.page.wait_for_function(f"() => {expression}", timeout=timeout)
-
-    def set(self, **settings) -> None:
-        for key, value in settings.items():
-            self.page.fill(f"#set-{key}", str(value))
-
-    def send(self, text: str) -> None:
-        self.page.fill("#input", text)
-        self.page.press("#input", "Enter")
-
-    def wait_answer(self, n: int = 1) -> dict:
-        """Wait for the n-th answer in the conversation to finish; its text and footer."""
-        self.wait(
-            f"document.querySelectorAll('#log .assistant')[{n - 1}]?.querySelector('.finish')"
-            " && !document.querySelector('#log .streaming')"
-        )
-        return self.page.evaluate(
-            """n => { const a = document.querySelectorAll('#log .assistant')[n - 1];
-                      return { text: a.querySelector('.bubble').textContent,
-                               finish: a.querySelector('.finish').textContent,
-                               stats: a.querySelector('.stats').textContent }; }""",
-            n,
-        )
-
-    def bubbles(self) -> list[str]:
-        return self.page.eval_on_selector_all(".bubble", "els => els.map(e => e.textContent)")
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@pytest.fixture
-def open_chat(browser, tmp_path):
-    opened: list[Chat] = []
-
-    def _open(url: str, api_key: str | None = API_KEY, viewport=None, name="chat.html") -> Chat:
-        fmt = {**PROMPT_FORMAT, "eos": "<|endoftext|>"}
-        path = tmp_path / name
-        path.write_text(render_chat_page(url, api_key, fmt), encoding="utf-8")
-        chat = Chat(browser, path, viewport)
-        opened.append(chat)
-        return chat
-
-    yield _open
-    for chat in opened:
-        assert chat.errors == [], chat.errors  # no uncaught script error in any test
-        chat.close()
-
-
-def expected_prompt(newest: str, system: str = PROMPT_FORMAT["system"]) -> str:
-    f = PROMPT_FORMAT
-    return system + f["separator"] + f["user_prefix"] + newest + f["user_suffix"]
 
 
 # --- the page and the stream --------------------------------------------------------------------
@@ -176,6 +56,42 @@ def test_page_shows_server_model_and_format(server, open_chat):
     assert page.text_content("#about-format") == "from the server (/info)"
     assert str(info["max_total_tokens"]) in page.text_content("#about-context")
     assert page.evaluate("document.activeElement.id") == "input"
+
+
+def test_one_model_is_the_plain_page_and_its_tokens_can_be_inspected(server, open_chat):
+    """With one model served there are no compare controls and no adapter_id is sent. The
+    token view shows the real server's tokens with their own probabilities, and the alternatives
+    once the server answers top_n_tokens (issue 15); until then the page asks, gets TGI's 422,
+    says so under Settings, and asks again without."""
+    chat = open_chat(server)
+    chat.wait_online()
+    assert chat.page.is_hidden("#models")
+    assert chat.page.locator("#columns .column").count() == 1
+    assert chat.page.is_hidden("#columns .column-head")
+    chat.page.check("#colour-tokens")
+    chat.set(max_new_tokens=10, **SAMPLING)
+    chat.send("Hi")
+    answer = chat.wait_answer()
+    assert all("adapter_id" not in r["parameters"] for r in chat.requests)
+    generated = int(re.match(r"(\d+) tokens", answer["stats"]).group(1))
+    records = chat.page.evaluate("window.tinycloudChat.state.columns[0].messages[1].tokens")
+    shown = chat.page.eval_on_selector_all("#log .tok", "ts => ts.map(t => t.dataset.p)")
+    assert len(records) == len(shown) == generated  # EOS included, as a special token
+    assert shown == [bucket(t["logprob"]) for t in records]
+    assert all(t["logprob"] is not None and t["logprob"] <= 0 for t in records)
+    chat.page.focus("#log .tok")
+    chat.wait("!document.getElementById('token-tip').hidden")
+    if accepts_top_n_tokens(server):
+        assert chat.page.locator("#token-tip .tip-alts li").count() == 5
+        assert chat.page.text_content("#about-tokens").startswith("up to 5 per token")
+    else:
+        assert "the server sent none" in chat.page.text_content("#token-tip")
+        assert (
+            chat.page.text_content("#about-tokens")
+            == "not sent by this server (top_n_tokens refused)"
+        )
+        assert [r["parameters"].get("top_n_tokens") for r in chat.requests] == [5, None]
+    chat.page.screenshot(path=str(ARTIFACTS / "token-view-one-model.png"))
 
 
 def test_message_streams_token_by_token(server, open_chat, tmp_path):
@@ -234,11 +150,40 @@ def test_message_streams_token_by_token(server, open_chat, tmp_path):
     )  # fmt: skip
 
 
-def test_stop_aborts_the_stream_and_reenables_the_ui(server, open_chat):
-    chat = open_chat(server)
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory) -> Path:
+    """A tiny model with an 8192-token context: room for answers that take seconds."""
+    return build_tiny_model(tmp_path_factory.mktemp("long") / "model", n_positions=8192)
+
+
+@pytest.fixture(scope="module")
+def long_server(long_model):
+    with running_server(long_model) as base:
+        yield base
+
+
+def _endless_message(base: str) -> str:
+    """A message the random model answers greedily, in the page's prompt and with its stop
+    sequence, without ever ending: greedy output falls into a loop, and one whose loop holds
+    neither EOS nor the stop sequence runs to max_new_tokens."""
+    for message in ("Tell me a long story.", "hold", "wait", "the", "a b c", "zz"):
+        params = {"max_new_tokens": 300, "do_sample": False, "repetition_penalty": 1,
+                  "stop": [PROMPT_FORMAT["stop"]], "details": True}  # fmt: skip
+        body = {"inputs": expected_prompt(message), "parameters": params}
+        res = httpx.post(f"{base}/generate", json=body, headers=_auth(), timeout=120)
+        if res.json()["details"]["finish_reason"] == "length":
+            return message
+    pytest.fail("every message reached EOS on the random model: change long_model's seed")
+
+
+def test_stop_aborts_the_stream_and_reenables_the_ui(long_server, open_chat):
+    """Deterministic under any load: the answer is asked for 8000 greedy tokens that never end
+    (seconds of work, so it cannot arrive whole before the page reads it), and Stop is pressed
+    from inside the page the moment the first token shows."""
+    message = _endless_message(long_server)
+    chat = open_chat(long_server)
     chat.wait_online()
-    chat.set(max_new_tokens=200, **SAMPLING)
-    # Press Stop the moment the first token shows, from inside the page (no round trip).
+    chat.set(max_new_tokens=8000, temperature=0, repetition_penalty=1)
     chat.page.evaluate(
         """() => new MutationObserver((recs, obs) => {
              if (recs.some(r => r.type === 'characterData')) {
@@ -246,17 +191,24 @@ def test_stop_aborts_the_stream_and_reenables_the_ui(server, open_chat):
            }).observe(document.getElementById('log'), {subtree: true, characterData: true})"""
     )
     assert chat.page.is_disabled("#stop")
-    chat.send("Tell me a long story.")
+    chat.send(message)
     answer = chat.wait_answer()
     assert answer["finish"] == "stopped"
     tokens = int(re.match(r"(\d+) tokens", answer["stats"]).group(1))
-    assert 1 <= tokens < chat.requests[-1]["parameters"]["max_new_tokens"]  # cut short
+    assert chat.requests[-1]["parameters"]["max_new_tokens"] == 8000
+    assert 1 <= tokens < 8000  # cut short
     assert chat.page.is_enabled("#send") and chat.page.is_disabled("#stop")
     assert chat.page.text_content("#notice") == "Stopped."
     # The server is free and the page works on: the next message is answered in full.
     chat.set(max_new_tokens=8)
     chat.send("Shorter, please.")
     assert chat.wait_answer(2)["finish"] in FINISH_REASONS
+
+
+def accepts_top_n_tokens(base: str) -> bool:
+    """Whether the server takes TGI's ``top_n_tokens`` (the native server will, issue 15)."""
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 1, "top_n_tokens": 1}}
+    return httpx.post(f"{base}/generate", json=body, headers=_auth(), timeout=60).status_code == 200
 
 
 def test_settings_persist_and_reach_the_request(server, open_chat):
@@ -268,6 +220,7 @@ def test_settings_persist_and_reach_the_request(server, open_chat):
         top_p=0.8,
         top_k=7,
         repetition_penalty=1.3,
+        top_n_tokens=3,
         stop="END\n\\n",
         system="Be brief.",
     )
@@ -282,14 +235,21 @@ def test_settings_persist_and_reach_the_request(server, open_chat):
         "top_p": "0.8",
         "top_k": "7",
         "repetition_penalty": "1.3",
+        "top_n_tokens": "3",
         "stop": "END\n\\n",
         "system": "Be brief.",
     }
     chat.send("Hi")
     chat.wait_answer()
+    # The page asks for the alternatives the setting says; a server that refuses top_n_tokens
+    # (TGI's 422) is asked again without them.
+    assert chat.requests[0]["parameters"]["top_n_tokens"] == 3
     sent = chat.requests[-1]
+    topn = {"top_n_tokens": 3} if accepts_top_n_tokens(server) else {}
+    assert len(chat.requests) == (1 if topn else 2)
     assert sent["inputs"] == expected_prompt("Hi", system="Be brief.")
     assert sent["parameters"] == {
+        **topn,
         "max_new_tokens": 12,
         "repetition_penalty": 1.3,
         "do_sample": True,
@@ -331,19 +291,25 @@ def test_xss_in_a_loaded_conversation_and_a_message_stays_text(server, open_chat
 
 
 def test_xss_in_streamed_tokens_stays_text(server, open_chat):
-    """A hostile model's tokens: the real server's stream with each token's text swapped for
-    pieces of markup, split across events and with CRLF line ends, as the page receives it."""
+    """A hostile model's tokens: the real server's stream with each token's text (and the
+    alternatives it weighed, in TGI's top_tokens) swapped for pieces of markup, split across
+    events and with CRLF line ends, as the page receives it; shown as text, then as tokens."""
     pieces = "".join(XSS)
 
     def tamper(route):
-        body = route.fetch().text()
-        events = [json.loads(x) for x in re.findall(r"^data:(.*)$", body, re.M)]
-        assert events, body
+        response = route.fetch()
+        if response.status != 200:  # e.g. the 422 of a server without top_n_tokens: as it is
+            route.fulfill(response=response)
+            return
+        events = [json.loads(x) for x in re.findall(r"^data:(.*)$", response.text(), re.M)]
+        assert events
         chunks = [pieces[i : i + 5] for i in range(0, len(pieces), 5)]
         out = []
         for i, chunk in enumerate(chunks):
             ev = dict(events[min(i, len(events) - 1)], generated_text=None, details=None)
             ev["token"] = {**ev["token"], "text": chunk, "special": False}
+            alt = {"id": 1, "text": XSS[i % len(XSS)], "logprob": -1.5, "special": False}
+            ev["top_tokens"] = [{**ev["token"], "logprob": -0.5}, alt]
             out.append(ev)
         out[-1] = {**out[-1], "generated_text": pieces, "details": events[-1]["details"]}
         sse = "".join(f"data:{json.dumps(e)}\r\n\r\n" for e in out)
@@ -361,6 +327,14 @@ def test_xss_in_streamed_tokens_stays_text(server, open_chat):
     chat.send("Say something nasty.")
     answer = chat.wait_answer()
     assert answer["text"] == pieces
+    assert chat.page.evaluate(ELEMENTS) == before
+    chat.page.check("#show-tokens")  # the same answer as tokens, and the tip of one
+    assert chat.page.text_content("#log .assistant .bubble") == pieces
+    assert chat.page.locator("#log .assistant .tok").count() == -(-len(pieces) // 5)
+    chat.page.focus("#log .assistant .tok")
+    chat.wait("!document.getElementById('token-tip').hidden")
+    tip = chat.page.text_content("#token-tip")
+    assert "“" + pieces[:5] + "”" in tip and "“" + XSS[0] + "”" in tip
     assert chat.page.evaluate(ELEMENTS) == before
     chat.page.wait_for_timeout(100)
     assert chat.dialogs == []
@@ -468,11 +442,10 @@ def test_invalid_setting_shows_the_422_message(server, open_chat):
 
 
 @pytest.fixture(scope="module")
-def busy_server(tmp_path_factory):
+def busy_server(long_model):
     """One slot and no queue, on a tiny model with a long context: a single long greedy
     generation keeps it busy for seconds, so the next request gets the server's 429."""
-    model = build_tiny_model(tmp_path_factory.mktemp("long") / "model", n_positions=8192)
-    with running_server(model, "--max-batch-size", "1", "--max-queued", "0") as base:
+    with running_server(long_model, "--max-batch-size", "1", "--max-queued", "0") as base:
         yield base
 
 

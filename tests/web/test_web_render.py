@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from remote.jobs.prompts import PROMPT_FORMAT
+from web import render
 from web.render import normalize_url, render_chat_page
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,6 +138,39 @@ def test_page_script_never_builds_markup_or_code_from_strings():
     ):
         assert sink not in script, sink
     assert "textContent" in script and "appendData" in script
+
+
+def test_page_inlines_its_source_files_as_they_are():
+    """The page's style and script are web/chat/'s files, whole and in SCRIPTS order; every script
+    there is listed (a new module cannot be left out of the page)."""
+    html = render_chat_page("http://h:1")
+    page = parse(html)
+    script = page.scripts[-1][1]
+    assert {p.name for p in render.SOURCE_DIR.glob("*.js")} == set(render.SCRIPTS)
+    assert render.SCRIPTS[-1] == "app.js"  # it starts the page, with every module in place
+    at = [script.index((render.SOURCE_DIR / name).read_text()) for name in render.SCRIPTS]
+    assert at == sorted(at)
+    style = re.search(r"<style nonce=\"[^\"]+\">(.*?)</style>", html, re.S).group(1)
+    assert (render.SOURCE_DIR / render.STYLE).read_text() in style
+    assert "{%" not in html and "{{" not in html
+
+
+@pytest.mark.parametrize(
+    "name, text, found",
+    [
+        ("app.js", 'const s = "</SCRIPT>";\n', "</SCRIPT"),
+        ("app.js", "// x\nconst s = '<!-- -->';\n", "<!--"),
+        ("chat.css", "a { color: red; }\n/* </style> */\n", "</style"),
+    ],
+)
+def test_a_source_that_would_end_its_element_is_refused(tmp_path, monkeypatch, name, text, found):
+    for source in render.SOURCE_DIR.iterdir():
+        (tmp_path / source.name).write_text(source.read_text())
+    (tmp_path / name).write_text(text)
+    monkeypatch.setattr(render, "SOURCE_DIR", tmp_path)
+    line = text.count("\n", 0, text.index(found)) + 1
+    with pytest.raises(ValueError, match=re.escape(f"web/chat/{name}:{line} contains {found!r}")):
+        render_chat_page("http://h:1")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""Where the control side keeps things, and the environment variables that move them.
+"""Where the control side keeps things here, and the environment variables that move them.
 
-Every path and default the `fab` tasks agree on lives here, so a test (or an operator with an
-unusual layout) can point them elsewhere with one variable:
+Every local path the `fab` tasks agree on lives here (the facts the VM shares too are in
+``facts.py``), so a test, or an operator with an unusual layout, can point them elsewhere with
+one variable:
 
 | variable                | default                  | what it sets                          |
 |-------------------------|--------------------------|---------------------------------------|
@@ -20,6 +21,8 @@ unusual layout) can point them elsewhere with one variable:
 | TINYCLOUD_LOCAL_RUNS    | ./runs                   | where `fab fetch` puts runs           |
 | TINYCLOUD_RENDERED      | ./rendered               | where prompt.sh and chat.html go      |
 | TINYCLOUD_CURRENT_IP    | (checkip.amazonaws.com)  | this machine's public IP              |
+| TINYCLOUD_VM_SETTINGS   | /etc/tinycloud/idle.env  | the VM's settings (the run-time cap)  |
+| TINYCLOUD_BOOT_LOG      | /var/lib/tinycloud/boots.log | the VM's boot log (its time) |
 """
 
 from __future__ import annotations
@@ -27,36 +30,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from serving.constants import API_KEY_ENV, DEFAULT_PORT
+from facts import ENV_PREFIX, RUNS_DIR_NAME
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: fab runs from here
 
-DEFAULT_USER = "ubuntu"  # Ubuntu AMIs and the Deep Learning AMI log in as ubuntu
-DEFAULT_SSH_PORT = 22
-DEFAULT_REMOTE_DIR = "tinycloud"  # relative to the remote user's home
-API_PORT = DEFAULT_PORT  # the inference API port, one number for both engines
-SERVER_API_KEY_ENV = API_KEY_ENV
-
-# What `fab setup` ships: the job code, the serving code, and the empty package marker that
-# makes `python -m remote.jobs.pretrain` importable without bringing the control side along.
-SYNC_DIRS = ("remote/jobs", "serving")
-SYNC_FILES = ("remote/__init__.py",)
-SYNC_EXCLUDES = ("__pycache__", "*.pyc", ".pytest_cache")
-
-# Files inside the remote work directory.
-PYTHON_FILE = ".python"  # the interpreter `fab setup` chose, one line
-REQUIREMENTS_FILE = "requirements.txt"  # the pins `fab setup` installed (from uv.lock)
-TRACK_FILE = ".track"  # the tracker groups `fab setup --track` added, one a line
-ENV_STAMP = ".venv/.tinycloud-stamp"  # digest of what the environment was built from
-RUNS_DIR = "runs"
-SERVE_DIR = "serve"  # the server's env file, pid, log, rendered launch script
-
-SERVICE_NAME = "tinycloud-serve"  # the systemd unit of the native engine
-CONNECT_TIMEOUT_S = 10
-
 
 def env(name: str, default: str = "") -> str:
-    return os.environ.get(f"TINYCLOUD_{name}", default)
+    return os.environ.get(f"{ENV_PREFIX}{name}", default)
 
 
 def state_home() -> Path:
@@ -65,7 +45,7 @@ def state_home() -> Path:
 
 
 def local_runs_dir() -> Path:
-    return Path(env("LOCAL_RUNS") or ROOT / "runs")
+    return Path(env("LOCAL_RUNS") or ROOT / RUNS_DIR_NAME)
 
 
 def rendered_dir() -> Path:

@@ -1,4 +1,4 @@
-"""infra/host.py: TrainingHostArgs refuses a bad argument before any resource exists."""
+"""infra/training_host.py: TrainingHostArgs refuses a bad argument before any resource exists."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pulumi
 import pytest
 from infra_harness import EIP_ADDRESS
 
-from infra.host import TrainingHost, TrainingHostArgs, is_world
+from infra.training_host import TrainingHost, TrainingHostArgs, is_world
 
 
 def args(**overrides) -> TrainingHostArgs:
@@ -23,6 +23,7 @@ def args(**overrides) -> TrainingHostArgs:
         ({"volume_size_gb": -1}, "at least 8"),
         ({"api_port": 22}, "not a usable TCP port"),
         ({"idle_stop_minutes": -5}, "0 \\(never\\)"),
+        ({"max_run_hours": -1}, "0 \\(no cap\\)"),
         ({"instance_type": "large"}, "not like 'm5.large'"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Host resolution (remote/host.py) from a recorded `pulumi stack output --json` document, from
+"""Host resolution (remote/target.py) from a recorded `pulumi stack output --json` document, from
 --host/--key and the environment, and the errors when there is nothing to resolve; plus the
 promise that `fab --list` loads none of the heavy libraries."""
 
@@ -15,7 +15,7 @@ import pytest
 from invoke import Exit
 from remote_harness import DATA, ROOT, fab_fixture, recorded_outputs  # noqa: F401
 
-from remote.host import explicit_target, resolve
+from remote.target import explicit_target, resolve
 
 
 @pytest.fixture
@@ -170,6 +170,8 @@ def test_fab_list_shows_every_task_and_loads_no_heavy_library():
         "ssh",
         "start",
         "stop",
+        "doctor",
+        "notebook",
     ):
         assert f"\n  {name} " in done.stdout
     assert "LOADED []" in done.stdout

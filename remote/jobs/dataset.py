@@ -1,6 +1,6 @@
-"""Datasets for fine-tuning: the named presets, local files, hub ids, and how rows become text.
+"""Datasets for every job: the named presets, local files, hub ids, and how rows become text.
 
-    from remote.jobs.presets import load_splits, load_rows, PRESETS
+    from remote.jobs.dataset import load_splits, load_rows, PRESETS
     train, val = load_splits("alpaca-1k", limit=200)          # Rows, Rows
     pairs = train.examples(eos="<|endoftext|>")               # [(prompt, completion), ...]
     rows = load_rows("data.jsonl", columns="instruction=q,output=a")
@@ -8,15 +8,17 @@
 A dataset is one of:
 
 - a preset name (``PRESETS``): its hub id, its columns and its kind are known;
-- a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file (or a directory of them);
+- a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file (or a directory of them, or a
+  ``Dataset.save_to_disk`` folder);
 - any Hugging Face hub id (``owner/name``).
 
-Every source is read with ``datasets.load_dataset`` and its columns are mapped onto the fields of
-one *kind*: ``instruction`` (instruction, optional input, output: Alpaca), ``text`` (plain text,
-loss on all of it), ``dialogue`` (an hh-rlhf ``Human:/Assistant:`` transcript, loss on the last
-reply) or ``preference`` (chosen/rejected pairs, optional prompt, for DPO). A column that is not
-there fails here, before any model is loaded, naming the columns that are and the flag that maps
-them. No torch import: the control side and the tests may use this freely.
+Every source is read by one loader, ``open_dataset`` (pretraining's ``--hf-dataset`` uses it
+too, with ``.txt`` files allowed), and its columns are mapped onto the fields of one *kind*:
+``instruction`` (instruction, optional input, output: Alpaca), ``text`` (plain text, loss on all
+of it), ``dialogue`` (an hh-rlhf ``Human:/Assistant:`` transcript, loss on the last reply) or
+``preference`` (chosen/rejected pairs, optional prompt, for DPO). A column that is not there
+fails here, before any model is loaded, naming the columns that are and the flag that maps them.
+No torch import: the control side and the tests may use this freely.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 OPTIONAL = frozenset({"input", "prompt"})
 
+# Local data files, and the `datasets` builder that reads each. Fine-tuning rows come from
+# these; pretraining also reads plain text, one row a line (TEXT_FILE_BUILDERS).
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_FILE_BUILDERS = {**LOCAL_BUILDERS, ".txt": "text"}
 VALIDATION_SPLITS = ("validation", "valid", "test")  # used, in this order, when a dataset has one
 DEFAULT_VAL_SIZE = 100  # rows held out when the dataset has no validation split of its own
 DEFAULT_VAL_FRACTION = 0.05  # ...or this share of the training rows, if that is fewer
@@ -253,24 +258,31 @@ def resolve_source(dataset: str) -> tuple[str, Preset | None]:
     return dataset, None
 
 
-def _load_dict(source: str, preset: Preset | None) -> Any:
-    """The whole DatasetDict (all splits) behind ``source``."""
-    from datasets import disable_progress_bars, load_dataset
+def open_dataset(
+    source: str, *, data_dir: str | None = None, builders: Mapping[str, str] = LOCAL_BUILDERS
+) -> Any:
+    """Every split behind ``source`` as a ``DatasetDict``: a local data file read by the
+    builder its suffix names in ``builders``, a ``save_to_disk`` folder, a folder of data
+    files, or a hub id. Any failure is a ``DatasetError`` naming the source and what to check.
+    """
+    import datasets
 
     path = Path(source)
     try:
         if path.exists():
-            disable_progress_bars()  # a local file loads in a blink: no bars in the log
+            datasets.disable_progress_bars()  # a local file loads in a blink: no bars in the log
+        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            saved = datasets.load_from_disk(str(path))
+            return saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
         if path.is_file():
-            builder = LOCAL_BUILDERS.get(path.suffix.lower())
+            builder = builders.get(path.suffix.lower())
             if builder is None:
-                raise DatasetError(
-                    f"cannot read {source}: use a .jsonl, .json, .csv or .parquet file"
-                )
-            return load_dataset(builder, data_files=str(path))
+                kinds = ", ".join(builders)
+                raise DatasetError(f"cannot read {source}: use a {kinds} file")
+            return datasets.load_dataset(builder, data_files=str(path))
         if path.is_dir():
-            return load_dataset(str(path))
-        return load_dataset(source, data_dir=preset.data_dir if preset else None)
+            return datasets.load_dataset(str(path))
+        return datasets.load_dataset(source, data_dir=data_dir)
     except DatasetError:
         raise
     except Exception as exc:  # datasets raises many types: say which source, and why
@@ -358,21 +370,23 @@ def load_splits(
     text_column: str | None = None,
     kind: str | None = None,
     val_size: int | None = None,
+    val_fraction: float | None = None,
     seed: int = 0,
 ) -> tuple[Rows, Rows]:
     """(train, validation). The dataset's own validation/test split when it has one; otherwise
-    ``val_size`` rows (default: 5% of the rows, at most 100) held out from the training rows."""
-    return _load(dataset, "train", limit, columns, text_column, kind, val_size, seed)
+    ``val_size`` rows (default: 5% of the rows, at most 100) held out from the training rows.
+    ``val_fraction`` sizes it as a share of the rows instead (the course's 90/10: 0.1)."""
+    return _load(dataset, "train", limit, columns, text_column, kind, val_size, seed, val_fraction)
 
 
-def _load(dataset, split, limit, columns, text_column, kind, val_size, seed):
+def _load(dataset, split, limit, columns, text_column, kind, val_size, seed, val_fraction=None):
     source, preset = resolve_source(dataset)
     mapping = parse_columns(columns)
     if text_column:
         mapping["text"] = text_column
     if preset is not None and not mapping:
         mapping = dict(preset.columns)
-    splits = _load_dict(source, preset)
+    splits = open_dataset(source, data_dir=preset.data_dir if preset else None)
     if split not in splits:
         raise DatasetError(
             f"dataset {dataset!r} has no split {split!r}; it has: {', '.join(splits)}"
@@ -386,6 +400,8 @@ def _load(dataset, split, limit, columns, text_column, kind, val_size, seed):
     rows = _project(table, used)
     if not rows:
         raise DatasetError(f"dataset {dataset!r} split {split!r} has no rows")
+    if val_fraction and val_size is None:
+        val_size = max(1, round(len(rows) * val_fraction))
     val_name = next((s for s in VALIDATION_SPLITS if s in splits and s != split), None)
     if val_size == 0:
         val_rows: list[dict[str, str]] = []

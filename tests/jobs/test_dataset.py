@@ -1,12 +1,12 @@
-"""presets.py: every preset's formatter on rows shaped like its real dataset, column mapping,
+"""dataset.py: every preset's formatter on rows shaped like its real dataset, column mapping,
 validation hold-out, and the errors a user meets (bad column, bad path, hub offline)."""
 
 import json
 
 import pytest
 
-from remote.jobs import presets
-from remote.jobs.presets import (
+from remote.jobs import dataset
+from remote.jobs.dataset import (
     DIALOGUE,
     INSTRUCTION,
     PRESETS,
@@ -66,7 +66,7 @@ def test_every_preset_maps_its_real_columns():
         p = PRESETS[name]
         used = map_columns(list(row), p.kind, p.columns, name)
         mapped = {f: row[c] for f, c in used.items()}
-        _, completion = presets.FORMATTERS[p.kind](mapped, EOS)
+        _, completion = dataset.FORMATTERS[p.kind](mapped, EOS)
         assert completion.endswith(EOS) and len(completion) > len(EOS), name
     assert PRESETS["hh-rlhf"].data_dir == "helpful-base"
     assert PRESETS["netflix"].columns["text"] == "description"

@@ -1,11 +1,12 @@
-"""batching.py: the loss falls on response tokens (EOS included) and nowhere else; padding and
+"""sft_batches.py: the loss falls on response tokens (EOS included) and nowhere else; padding and
 packing change nothing about each example's loss; lm_head on loss positions only gives exactly
 the loss of full logits."""
 
 import pytest
 import torch
 
-from remote.jobs.batching import (
+from remote.jobs.dataset import format_instruction
+from remote.jobs.sft_batches import (
     IGNORE,
     FlattenBatch,
     PadToLongest,
@@ -13,7 +14,6 @@ from remote.jobs.batching import (
     response_loss,
     tokenize_examples,
 )
-from remote.jobs.presets import format_instruction
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_rebalance_finds_the_least_padding_split():
     import itertools
     import random
 
-    from remote.jobs.batching import _least_padding_cuts
+    from remote.jobs.sft_batches import _least_padding_cuts
 
     rng = random.Random(0)
     for _ in range(50):

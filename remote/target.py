@@ -28,12 +28,13 @@ from typing import Any
 
 from invoke import Exit
 
-from remote import settings
+from facts import API_PORT, SSH_PORT, SSH_USER, Output
+from remote import paths
 
 NO_STACK = (
     "no Pulumi stack outputs to find the host in{why}. Run `pulumi up` first, or pass --host."
 )
-REQUIRED_OUTPUTS = ("ssh_user", "private_key", "host_public_key")
+REQUIRED_OUTPUTS = (Output.SSH_USER, Output.PRIVATE_KEY, Output.HOST_PUBLIC_KEY)
 _HOST_RE = re.compile(
     r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[0-9a-fA-F:]+\]|[^:\s]+)(?::(?P<port>\d+))?$"
 )
@@ -46,7 +47,7 @@ class Target:
     name: str  # the stack, the host, or "local": names the folder under .tinycloud/
     local: bool = False
     host: str = ""
-    port: int = settings.DEFAULT_SSH_PORT
+    port: int = SSH_PORT
     user: str = ""
     key_file: Path | None = None
     known_hosts: Path | None = None
@@ -55,30 +56,30 @@ class Target:
 
     @property
     def state_dir(self) -> Path:
-        return settings.state_home() / _safe_name(self.name)
+        return paths.state_home() / _safe_name(self.name)
 
     @property
     def instance_id(self) -> str:
-        return str(self.outputs.get("instance_id") or "")
+        return str(self.outputs.get(Output.INSTANCE_ID) or "")
 
     @property
     def region(self) -> str:
-        return str(self.outputs.get("region") or "")
+        return str(self.outputs.get(Output.REGION) or "")
 
     @property
     def allowed_cidrs(self) -> list[str]:
-        return [str(c) for c in self.outputs.get("allowed_cidrs") or []]
+        return [str(c) for c in self.outputs.get(Output.ALLOWED_CIDRS) or []]
 
     @property
     def api_port(self) -> int:
-        return int(self.outputs.get("api_port") or settings.API_PORT)
+        return int(self.outputs.get(Output.API_PORT) or API_PORT)
 
     @property
     def api_url(self) -> str:
         """The inference API as the operator's browser reaches it."""
-        if self.outputs.get("api_url"):
-            return str(self.outputs["api_url"]).rstrip("/")
-        host = "127.0.0.1" if self.local else self.outputs.get("public_dns") or self.host
+        if self.outputs.get(Output.API_URL):
+            return str(self.outputs[Output.API_URL]).rstrip("/")
+        host = "127.0.0.1" if self.local else self.outputs.get(Output.PUBLIC_DNS) or self.host
         return f"http://{host}:{self.api_port}"
 
     def ssh_argv(self, *extra: str) -> list[str]:
@@ -96,15 +97,15 @@ def resolve(
     target: str = "", stack: str = "", host: str = "", user: str = "", key: str = ""
 ) -> Target:
     """The machine the task flags (or, failing those, the environment) point at."""
-    kind = (target or settings.env("TARGET") or "remote").lower()
+    kind = (target or paths.env("TARGET") or "remote").lower()
     if kind not in ("remote", "local"):
         raise Exit(f"--target {kind!r} is not known: use `remote` (the default) or `local`.")
     if kind == "local":
         return Target(name="local", local=True)
-    host = host or settings.env("HOST")
+    host = host or paths.env("HOST")
     if host:
-        return explicit_target(host, user or settings.env("USER"), key or settings.env("KEY"))
-    return stack_target(stack or settings.env("STACK"))
+        return explicit_target(host, user or paths.env("USER"), key or paths.env("KEY"))
+    return stack_target(stack or paths.env("STACK"))
 
 
 def explicit_target(spec: str, user: str = "", key: str = "") -> Target:
@@ -113,16 +114,16 @@ def explicit_target(spec: str, user: str = "", key: str = "") -> Target:
     if not m:
         raise Exit(f"--host {spec!r} is not [user@]host[:port].")
     host = m["host"].strip("[]")
-    port = int(m["port"] or settings.env("SSH_PORT") or settings.DEFAULT_SSH_PORT)
+    port = int(m["port"] or paths.env("SSH_PORT") or SSH_PORT)
     key_file = Path(key).expanduser() if key else None
     if key_file and not key_file.is_file():
         raise Exit(f"--key {key}: no such file. Point it at the private key for {host}.")
-    known = Path(settings.env("KNOWN_HOSTS") or Path.home() / ".ssh" / "known_hosts")
+    known = Path(paths.env("KNOWN_HOSTS") or Path.home() / ".ssh" / "known_hosts")
     return Target(
         name=host,
         host=host,
         port=port,
-        user=user or m["user"] or settings.DEFAULT_USER,
+        user=user or m["user"] or SSH_USER,
         key_file=key_file,
         known_hosts=known.expanduser(),
     )
@@ -132,31 +133,32 @@ def stack_target(stack: str = "") -> Target:
     """The host a Pulumi stack created, with its key written and its host key pinned."""
     outputs, name = read_stack_outputs(stack)
     missing = [k for k in REQUIRED_OUTPUTS if not outputs.get(k)]
-    host = str(outputs.get("public_dns") or outputs.get("public_ip") or "")
+    host = str(outputs.get(Output.PUBLIC_DNS) or outputs.get(Output.PUBLIC_IP) or "")
     if missing or not host:
         lacking = ", ".join(missing + ([] if host else ["public_dns/public_ip"]))
         raise Exit(
             f"stack {name!r} has no {lacking} output. Run `pulumi up` to bring it up to date, "
             "or pass --host."
         )
-    port = int(settings.env("SSH_PORT") or settings.DEFAULT_SSH_PORT)
+    port = int(paths.env("SSH_PORT") or SSH_PORT)
     t = Target(
         name=name,
         host=host,
         port=port,
-        user=str(outputs["ssh_user"]),
+        user=str(outputs[Output.SSH_USER]),
         outputs=outputs,
         from_stack=True,
     )
-    names = [n for n in (outputs.get("public_dns"), outputs.get("public_ip")) if n]
-    key_file = write_secret(t.state_dir / "id_ed25519", str(outputs["private_key"]))
-    known = pin_host_key(t.state_dir / "known_hosts", names, port, str(outputs["host_public_key"]))
+    names = [n for n in (outputs.get(Output.PUBLIC_DNS), outputs.get(Output.PUBLIC_IP)) if n]
+    key_file = write_secret(t.state_dir / "id_ed25519", str(outputs[Output.PRIVATE_KEY]))
+    host_key = str(outputs[Output.HOST_PUBLIC_KEY])
+    known = pin_host_key(t.state_dir / "known_hosts", names, port, host_key)
     return replace(t, key_file=key_file, known_hosts=known)
 
 
 def read_stack_outputs(stack: str = "") -> tuple[dict[str, Any], str]:
     """(outputs, stack name) from a recorded document or the Pulumi CLI."""
-    recorded = settings.env("STACK_OUTPUTS")
+    recorded = paths.env("STACK_OUTPUTS")
     if recorded:
         path = Path(recorded)
         if not path.is_file():
@@ -181,7 +183,7 @@ def _stack_flag(stack: str) -> list[str]:
 def _pulumi(args: list[str]) -> str:
     try:
         proc = subprocess.run(
-            ["pulumi", *args], cwd=settings.ROOT, capture_output=True, text=True, timeout=120
+            ["pulumi", *args], cwd=paths.ROOT, capture_output=True, text=True, timeout=120
         )
     except FileNotFoundError:
         raise Exit(NO_STACK.format(why=" (the Pulumi CLI is not installed)")) from None
@@ -212,7 +214,7 @@ def pin_host_key(path: Path, names: list[str], port: int, public_key: str) -> Pa
         base64.b64decode(fields[1], validate=True)
     except binascii.Error:
         raise Exit("host_public_key is not valid base64; run `pulumi up` to refresh it.") from None
-    hosts = [n if port == settings.DEFAULT_SSH_PORT else f"[{n}]:{port}" for n in names]
+    hosts = [n if port == SSH_PORT else f"[{n}]:{port}" for n in names]
     lines = "".join(f"{h} {fields[0]} {fields[1]}\n" for h in hosts)
     return write_secret(path, lines)
 

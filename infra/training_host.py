@@ -17,6 +17,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_tls as tls
 
+from facts import API_PORT
 from infra import cloud_init
 
 SSH_PORT = 22
@@ -40,8 +41,9 @@ class TrainingHostArgs:
     volume_size_gb: int = 100
     delete_volume_on_destroy: bool = False
     open_to_the_world: bool = False
-    api_port: int = 8080
+    api_port: int = API_PORT
     idle_stop_minutes: int = 60
+    max_run_hours: int = 12  # 0: no cap
     ssh_public_key: str | None = None  # None: generate an ed25519 key pair
     tags: Mapping[str, str] = field(default_factory=dict)
 
@@ -54,6 +56,8 @@ class TrainingHostArgs:
             raise ValueError(f"api_port {self.api_port} is not a usable TCP port")
         if self.idle_stop_minutes < 0:
             raise ValueError("idle_stop_minutes must be 0 (never) or more")
+        if self.max_run_hours < 0:
+            raise ValueError("max_run_hours must be 0 (no cap) or more")
         if not self.allowed_cidrs:
             raise ValueError("allowed_cidrs is empty: nobody could reach the host")
         for cidr in self.allowed_cidrs:
@@ -97,6 +101,7 @@ class TrainingHost(pulumi.ComponentResource):
                 api_port=args.api_port,
                 idle_stop_minutes=args.idle_stop_minutes,
                 gpu=args.gpu,
+                max_run_hours=args.max_run_hours,
             )
         )
         self.instance = self._instance(group, key_pair, user_data, child)

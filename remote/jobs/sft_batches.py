@@ -63,14 +63,17 @@ def tokenize_examples(
 
 @dataclass
 class PadToLongest:
-    """Pad a micro-batch on the right to its own longest example (labels with IGNORE)."""
+    """Pad a micro-batch on the right to its own longest example (labels with IGNORE), or to
+    ``at_least`` tokens: ``--batching max-length`` pads every example to --max-length, as the
+    course's ``padding="max_length"`` does."""
 
     pad_id: int
+    at_least: int = 0
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        n = max(len(f["input_ids"]) for f in features)
+        n = max(self.at_least, *(len(f["input_ids"]) for f in features))
         ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), n), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(features), n), dtype=torch.long)

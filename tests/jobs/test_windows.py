@@ -1,11 +1,11 @@
-"""remote/jobs/batches.py: windows that depend only on their key, split by rank, prefetched."""
+"""remote/jobs/windows.py: windows that depend only on their key, split by rank, prefetched."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from remote.jobs.batches import Prefetcher, Windows, train_keys
+from remote.jobs.windows import Prefetcher, Windows, train_keys
 
 
 @pytest.fixture
