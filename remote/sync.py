@@ -4,8 +4,9 @@ Both steps do nothing when nothing changed, so `fab setup` is cheap to run again
 
 - code: ``rsync`` over the same key and pinned host key when both ends have it, else a sha256
   comparison (``sha256sum`` on the host) and an SFTP upload of the files that differ;
-- environment: exactly the versions uv.lock pins for the train and serve groups (``uv export``
-  here, so the host needs neither the project nor the lock), installed with ``uv pip install
+- environment: exactly the versions uv.lock pins for the train and serve groups, plus the
+  optional ones ``--groups`` names (``notebook``, the trackers) (``uv export`` here, so the host
+  needs neither the project nor the lock), installed with ``uv pip install
   --torch-backend auto`` into a venv on the host's own python3: CPU wheels on a CPU instance,
   CUDA wheels where uv finds an NVIDIA driver, torch at its locked version either way
   (``--torch-backend pypi``: PyPI's build, as locked). ``remote.jobs.lockcheck`` then checks
