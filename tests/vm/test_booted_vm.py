@@ -111,6 +111,7 @@ def test_first_boot_runs_the_user_data_cleanly(booted_vm):
 
 def test_a_machine_with_another_host_key_is_refused(fab, booted_vm, tmp_path):
     """The stack pins the key it rendered; a machine that shows any other key is not trusted."""
+    wait_until("sshd", lambda: _port_open(booted_vm.ip, 22), 120, 0.5)  # when run on its own
     _, other_key = cloud_init.new_ed25519_keypair()
     outputs = json.loads(booted_vm.outputs_path.read_text())
     imposter = tmp_path / f"{STACK}.json"
