@@ -231,3 +231,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lora_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return build_lora_run(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora") / "model")
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

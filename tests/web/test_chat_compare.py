@@ -24,12 +24,11 @@ from web_harness import (  # noqa: F401 (pytest fixtures)
     auth,
     browser_fixture,
     bucket,
+    endless_message,
     expected_prompt,
     open_chat_fixture,
     running_server,
 )
-
-from remote.jobs.prompts import PROMPT_FORMAT
 
 pytestmark = pytest.mark.slow
 
@@ -124,19 +123,6 @@ def seeded(chat, seed: int = 0) -> None:
     chat.page.route("**/generate_stream", add_seed)
 
 
-def endless_message(base: str) -> str:
-    """A message base-run answers greedily (in the page's prompt, with its stop sequence)
-    without ever ending: its greedy output loops without EOS or the stop sequence."""
-    for message in ("Tell me a long story.", "hold", "wait", "the", "a b c", "zz"):
-        params = {"max_new_tokens": 300, "do_sample": False, "repetition_penalty": 1,
-                  "stop": [PROMPT_FORMAT["stop"]], "details": True}  # fmt: skip
-        body = {"inputs": expected_prompt(message), "parameters": params}
-        res = httpx.post(f"{base}/generate", json=body, headers=auth(), timeout=120)
-        if res.json()["details"]["finish_reason"] == "length":
-            return message
-    pytest.fail("every message reached EOS on base-run: change its seed")
-
-
 # --- compare mode ---------------------------------------------------------------------------
 
 
@@ -186,7 +172,7 @@ def test_stop_one_column_while_the_other_answers_in_full(compare_server, open_ch
     """base-run is asked for 8000 greedy tokens that never end and stopped from its column at
     its first token; sharp-run, whose context is 128 tokens (the page learns it from the server's
     422), answers in full. Deterministic: base-run's answer takes seconds."""
-    message = endless_message(compare_server)
+    message = endless_message(compare_server, "base-run")
     chat = open_chat(compare_server)
     compare(chat, SHARP)
     chat.set(max_new_tokens=8000, temperature=0, repetition_penalty=1)
