@@ -27,6 +27,7 @@ VM_WORK_DIR = f"{VM_HOME}/{REMOTE_DIR_NAME}"  # code and venv land here (`fab se
 VM_RUNS_DIR = f"{VM_WORK_DIR}/{RUNS_DIR_NAME}"  # exported as TINYCLOUD_RUNS in /etc/environment
 VM_STATE_DIR = "/var/lib/tinycloud"
 VM_READY_MARKER = f"{VM_STATE_DIR}/ready"  # the bootstrap's last act: the VM is set up
+VM_KEEP_AWAKE = f"{VM_STATE_DIR}/keep-awake"  # while it exists the idle stop never fires
 VM_SETTINGS = "/etc/tinycloud/idle.env"  # the stack's settings for the VM's own scripts (shell)
 VM_BOOT_LOG = f"{VM_STATE_DIR}/boots.log"  # one line per boot: boot id, start, last seen (epoch s)
 MAX_RUN_HOURS_ENV = "TINYCLOUD_MAX_RUN_HOURS"  # in VM_SETTINGS: the hard cap (0 = none)

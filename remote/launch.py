@@ -160,8 +160,11 @@ def _alive(runner: Runner, pid: int) -> bool:
 
 def follow(
     runner: Runner, name: str, log: str = TRAIN_LOG, *, poll: float = 1.0, out: TextIO | None = None
-) -> None:
-    """Print the log as it grows until the job ends. Ctrl-C stops following, not the job."""
+) -> bool:
+    """Print the log as it grows until the job ends. Ctrl-C stops following, not the job.
+
+    False when the job ended before writing a line of it (it refused its input): the end of
+    its console log, where the ``error:`` line is, is printed instead."""
     out = out or sys.stdout
     path = f"{RUNS_DIR_NAME}/{name}/{log}"
     pid_path = f"{RUNS_DIR_NAME}/{name}/{PID_FILE}"
@@ -173,13 +176,17 @@ def follow(
                 out.write(chunk)
                 out.flush()
             if not alive and not chunk:
-                return
+                if offset == 0 and log != CONSOLE_LOG:
+                    console = f"{RUNS_DIR_NAME}/{name}/{CONSOLE_LOG}"
+                    out.write(runner.sh(f"tail -n 15 {q(console)}", warn=True).stdout)
+                return offset > 0
             time.sleep(poll if alive else 0)
     except KeyboardInterrupt:
         out.write(
             f"\nstopped following; {name} keeps running. "
             f"`fab logs --run {name} --follow` picks it up again.\n"
         )
+        return True
 
 
 def _poll_log(runner: Runner, path: str, pid_path: str, offset: int) -> tuple[bool, str, int]:

@@ -14,7 +14,7 @@ notebook (``notebooks/course.ipynb``) is copied to the host the first time, neve
 the student has edited.
 
 JupyterLab is the ``notebook`` dependency group (pyproject.toml), not part of the default job
-environment: the host's environment needs it (see ``NOT_INSTALLED``).
+environment: `fab setup --groups notebook` adds it to the host's (see ``NOT_INSTALLED``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ LOG_FILE = f"{STATE}/server.log"
 NOTEBOOKS = "notebooks"  # in the work directory, and in this repository
 NOT_INSTALLED = (
     "JupyterLab is not installed in the host's job environment ({python}). It is the optional "
-    "`notebook` dependency group in pyproject.toml: have `fab setup` install that group too, "
+    "`notebook` dependency group in pyproject.toml: add it with `fab setup --groups notebook`, "
     "then run `fab notebook` again. On this machine: `uv run --all-groups fab notebook "
     "--target local`."
 )

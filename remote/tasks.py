@@ -73,7 +73,9 @@ def _aws(fn: Any, *args: Any) -> Any:
 @task(
     help=_help(
         python="use this interpreter on the host and build no environment",
-        torch_backend="uv --torch-backend: auto (CUDA where uv finds a driver), cpu, cu126...",
+        torch_backend="auto (CUDA where uv finds a driver), cpu, cu126... or pypi (as uv.lock)",
+        groups="add optional groups: notebook (fab notebook), tensorboard, mlflow, wandb "
+        "(--report-to); comma-separated, none: drop them",
         sync="how to ship code: auto (rsync if both ends have it), rsync or sftp",
         wait="seconds to wait for the first boot (cloud-init) to finish",
     ),
@@ -82,6 +84,7 @@ def setup(
     c,
     python="",
     torch_backend="auto",
+    groups="",
     sync="auto",
     wait=900,
     target="",
@@ -92,8 +95,9 @@ def setup(
 ):
     """Wait for the host to boot, ship remote/jobs + serving, build the job environment.
 
-    Safe to run again: unchanged files are not sent, and an environment built from the same
-    requirements is kept. A CPU host gets CPU-only torch, a GPU host the CUDA build.
+    The environment holds exactly what uv.lock pins, on the host's python3. Safe to run again:
+    unchanged files are not sent, and an environment built from the same pins is kept.
+    A CPU host gets CPU-only torch, a GPU host the CUDA build, both at the locked version.
     """
     from remote.boot import wait_for_boot
     from remote.sync import ensure_env, sync_code
@@ -109,7 +113,8 @@ def setup(
             wait_for_boot(runner, required=required, timeout=wait)
         changed = sync_code(runner, sync)
         print(f"code: {len(changed)} file(s) updated" + _listing(changed))
-        print(f"python: {ensure_env(runner, python=python, torch_backend=torch_backend)}")
+        built = ensure_env(runner, python=python, torch_backend=torch_backend, groups=groups)
+        print(f"python: {built}")
         print(f"ready: {'this machine' if where.local else where.host}:{runner.base}")
 
 
@@ -169,9 +174,9 @@ def train(
             runner, job, name, job_flags, resume=resume, nproc=nproc, cost_per_hour=rate
         )
         print(f"started {job} {name!r} (pid {pid}) in {runner.path('runs/' + name)}")
-        if follow:
-            follow_log(runner, name)
-        else:
+        if follow and not follow_log(runner, name):
+            raise Exit(f"{job} {name!r} ended before its run started (its console log above).")
+        if not follow:
             print(f"follow it: fab logs --run {name} --follow   progress: fab status")
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from facts import FinishReason
+
 _HF_HOME = tempfile.mkdtemp(prefix="tinycloud-hf-")
 os.environ.update(
     HF_HOME=_HF_HOME,
@@ -41,6 +43,10 @@ IN_CI = bool(os.environ.get("CI"))
 
 # --- no network ------------------------------------------------------------------------------
 
+# Networks a test made on this machine itself (tests/vm's veth pair to the booted stand-in VM):
+# reached like loopback, since nothing on them is outside this machine.
+LOCAL_TEST_NETWORKS: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
 
@@ -55,7 +61,8 @@ def _check_address(sock: socket.socket, address) -> None:
         if host == "localhost":
             return
         raise OSError(f"tests are offline: refusing to connect to {host!r}") from None
-    if not ip.is_loopback and not ip.is_unspecified:
+    local = ip.is_loopback or ip.is_unspecified or any(ip in n for n in LOCAL_TEST_NETWORKS)
+    if not local:
         raise OSError(f"tests are offline: refusing to connect to {host}")
 
 
@@ -226,6 +233,35 @@ def build_lora_run(base: Path, out: Path, *, targets: str | None = None, seed: i
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+def chat_in_chromium(page: Path, url: str, screenshot: Path) -> None:
+    """Open the page from disk as a user would, send one message, see an answer stream in."""
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is not installed: apt-get install chromium (CI installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page()
+            dialogs: list[str] = []
+            tab.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            tab.goto(page.resolve().as_uri())
+            assert url in tab.content()
+            tab.get_by_label("Message").fill("Name a primary colour.")
+            tab.keyboard.press("Enter")
+            tab.wait_for_function(
+                "() => document.querySelector('#log .assistant .finish')"
+                " && !document.querySelector('#log .streaming')",
+                timeout=60_000,
+            )
+            finish = tab.locator("#log .assistant .finish").last.text_content()
+            assert finish in set(FinishReason), finish
+            tab.screenshot(path=str(screenshot))
+            assert not dialogs
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="session")

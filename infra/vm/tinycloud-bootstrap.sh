@@ -21,14 +21,17 @@ apt_install() {
 # Docker: the Deep Learning AMI ships Docker with the NVIDIA runtime; plain Ubuntu gets docker.io.
 if ! command -v docker >/dev/null 2>&1; then
     apt_install docker.io
+    # Debian 13 ships the client apart from the engine (Ubuntu's docker.io carries both).
+    command -v docker >/dev/null 2>&1 || apt_install docker-cli
 fi
 systemctl enable --now docker
 usermod -aG docker "$TINYCLOUD_USER"
 
-# uv, for the job environment `fab setup` builds (Ubuntu has no package for it).
+# uv, for the job environment `fab setup` builds (Ubuntu has no package for it); 0.8 or later
+# takes --torch-backend without --preview.
 if ! command -v uv >/dev/null 2>&1; then
     python3 -m venv /opt/tinycloud-uv
-    /opt/tinycloud-uv/bin/pip install --quiet --disable-pip-version-check 'uv>=0.5,<1'
+    /opt/tinycloud-uv/bin/pip install --quiet --disable-pip-version-check 'uv>=0.8,<1'
     ln -sf /opt/tinycloud-uv/bin/uv /usr/local/bin/uv
 fi
 

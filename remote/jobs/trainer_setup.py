@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from remote.jobs import dist as distlib
-from remote.jobs import rundir
+from remote.jobs import rundir, trackers
 from remote.jobs.errors import JobError
 from remote.jobs.finetune_flags import Config
 from remote.jobs.guard import Guard
@@ -126,6 +126,7 @@ def open_run(c: Config, guard: Guard) -> rundir.RunDir | None:
     every rank stops if rank 0 could not open it. Call it once the input has been checked."""
     d = guard.d
     c.name = distlib.broadcast_object(c.name or time.strftime("finetune-%Y%m%d-%H%M%S"), d)
+    trackers.prepare(c.report_to, run_path(c))  # a tracker that is not installed stops it here
     opts = {"job": "finetune", "args": dataclasses.asdict(c), "resume": c.resume}
     run = distlib.on_main(
         d, rundir.RunDir.create, c.runs_dir, c.name, **opts, overwrite=c.overwrite

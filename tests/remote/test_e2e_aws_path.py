@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS
+from conftest import chat_in_chromium
 from remote_harness import (  # noqa: F401 (pytest fixtures)
     fab_fixture,
     moto_fixture,
@@ -64,36 +64,7 @@ def test_the_aws_path_in_order(fab, vm, sshd, tiny_model_dir, tmp_path):
         assert asked.code == 0, asked.text
         page = Path(vm["TINYCLOUD_RENDERED"]) / "vmtest" / "chat.html"
         url = json.loads(Path(vm["TINYCLOUD_STACK_OUTPUTS"]).read_text())["api_url"]
-        _chat_in_chromium(page, url, tmp_path / "e2e-chat.png")
+        chat_in_chromium(page, url, tmp_path / "e2e-chat.png")
     finally:
         stopped = fab(vm, "serve", "--stop")
     assert stopped.code == 0, stopped.text
-
-
-def _chat_in_chromium(page: Path, url: str, screenshot: Path) -> None:
-    """Open the page from disk as a user would, send one message, see an answer stream in."""
-    if not CHROMIUM.exists():
-        pytest.skip("Chromium is not installed: apt-get install chromium (CI installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            tab = browser.new_page()
-            dialogs: list[str] = []
-            tab.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            tab.goto(page.resolve().as_uri())
-            assert url in tab.content()
-            tab.get_by_label("Message").fill("Name a primary colour.")
-            tab.keyboard.press("Enter")
-            tab.wait_for_function(
-                "() => document.querySelector('#log .assistant .finish')"
-                " && !document.querySelector('#log .streaming')",
-                timeout=60_000,
-            )
-            finish = tab.locator("#log .assistant .finish").last.text_content()
-            assert finish in {"length", "eos_token", "stop_sequence"}, finish
-            tab.screenshot(path=str(screenshot))
-            assert not dialogs
-        finally:
-            browser.close()

@@ -191,3 +191,4 @@ def test_without_jupyterlab_the_host_gets_told_which_group(fab, tmp_path):
     assert r.code == 1
     assert "JupyterLab is not installed in the host's job environment" in r.err
     assert "`notebook` dependency group" in r.err
+    assert "`fab setup --groups notebook`" in r.err

@@ -16,7 +16,7 @@ from remote import probe, report
 from remote.fetch import parse_manifest
 from remote.launch import job_command
 from remote.serve import mask, native_argv, systemd_unit
-from remote.sync import local_files, requirements
+from remote.sync import ENV_GROUPS, PYPI, local_files, locked_requirements
 
 
 def _run(root: Path, name: str, pid: int | None, status: str | None, **fields) -> Path:
@@ -117,12 +117,30 @@ def test_manifest_paths_cannot_leave_the_run_directory():
             parse_manifest(bad)
 
 
-def test_requirements_are_the_train_and_serve_groups_only():
-    reqs = requirements().splitlines()
-    names = {r.split(">")[0].split("=")[0].split("<")[0] for r in reqs}
-    assert {"torch", "transformers", "fastapi", "uvicorn", "peft"} <= names
-    assert not names & {"pytest", "moto", "ruff", "fabric", "pulumi", "boto3"}
-    assert len(reqs) == len(set(reqs))
+def _pins(text: str) -> dict[str, str]:
+    from remote.jobs.lockcheck import pins
+
+    return {r.name: str(r.specifier) for r in pins(text)}
+
+
+def test_requirements_are_the_locked_train_and_serve_groups_only():
+    locked = _pins(locked_requirements(ENV_GROUPS, PYPI))
+    assert {"torch", "transformers", "fastapi", "uvicorn", "peft"} <= locked.keys()
+    assert not locked.keys() & {"pytest", "moto", "ruff", "fabric", "pulumi", "boto3"}
+    assert not locked.keys() & {"tensorboard", "mlflow-skinny", "wandb"}  # only when tracked
+    assert all(spec.startswith("==") for spec in locked.values()), locked
+    assert "--hash=sha256:" in locked_requirements(ENV_GROUPS, PYPI)
+
+
+def test_a_torch_backend_keeps_torchs_version_and_brings_its_own_cuda_runtime():
+    text = locked_requirements(ENV_GROUPS, "cpu")
+    pinned = _pins(text)
+    assert pinned["torch"] == _pins(locked_requirements(ENV_GROUPS, PYPI))["torch"]
+    assert not [n for n in pinned if n.startswith(("nvidia-", "cuda-")) or n == "triton"]
+    torch_line = next(e for e in text.split("\n") if e.startswith("torch=="))
+    assert "hash" not in torch_line  # the CPU build is another file than PyPI's
+    with_tracker = _pins(locked_requirements((*ENV_GROUPS, "tensorboard"), "cpu"))
+    assert "tensorboard" in with_tracker
 
 
 def test_shipped_files_are_jobs_and_serving_without_caches():

@@ -33,11 +33,12 @@ def test_setup_twice_second_run_does_no_work(fab, vm, sshd):
     first = fab(vm, "setup")
     assert first.code == 0, first.text
     assert "code: 0 file(s)" not in first.out
-    assert "environment built (torch backend: auto)" in first.out
+    assert "environment built from uv.lock" in first.out and "torch backend: auto" in first.out
+    assert "pinned packages installed as locked" in first.out  # lockcheck on the host
     calls = uv_log.read_text().splitlines()
     assert [c.split()[0] for c in calls] == ["venv", "pip"]
     assert "--torch-backend auto" in calls[1] and "-r requirements.txt" in calls[1]
-    assert "torch" in (sshd.work / "requirements.txt").read_text()
+    assert "torch==" in (sshd.work / "requirements.txt").read_text()
     shipped = sshd.work / "remote" / "jobs" / "rundir.py"
     assert shipped.read_bytes() == (ROOT / "remote/jobs/rundir.py").read_bytes()
     assert (sshd.work / "remote" / "__init__.py").exists()
@@ -54,6 +55,24 @@ def test_setup_twice_second_run_does_no_work(fab, vm, sshd):
     assert python == str(sshd.work / ".venv" / "bin" / "python")
     done = subprocess.run([python, "-c", "import sys"], capture_output=True)
     assert done.returncode == 0, "the environment setup recorded does not run"
+
+
+def test_a_new_set_of_pins_rebuilds_the_environment_and_groups_are_remembered(fab, vm, sshd):
+    uv_log = Path(vm["TINYCLOUD_UV"]).with_name("uv.log")
+    assert fab(vm, "setup").code == 0
+    before = len(uv_log.read_text().splitlines())
+    tracked = fab(vm, "setup", "--groups", "tensorboard")  # another set of pins: rebuilt
+    assert tracked.code == 0, tracked.text
+    assert "environment built from uv.lock" in tracked.out and "with tensorboard" in tracked.out
+    assert len(uv_log.read_text().splitlines()) == before + 2  # uv venv + uv pip install
+    assert "tensorboard==" in (sshd.work / "requirements.txt").read_text()
+    kept = fab(vm, "setup")
+    assert "environment up to date" in kept.out and "with tensorboard" in kept.out, kept.text
+    dropped = fab(vm, "setup", "--groups", "none")
+    assert "environment built from uv.lock" in dropped.out, dropped.text
+    assert "tensorboard" not in (sshd.work / "requirements.txt").read_text()
+    unknown = fab(vm, "setup", "--groups", "comet")
+    assert unknown.code == 1 and "choose from notebook, tensorboard, mlflow, wandb" in unknown.err
 
 
 def test_sftp_sync_sends_only_changed_files_and_deletes_stale_ones(fab, vm, sshd):
