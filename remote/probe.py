@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from facts import (
+    ADAPTER_DIR,
     MANIFEST,
     MAX_RUN_HOURS_ENV,
     MODEL_DIR,
@@ -104,6 +105,10 @@ def run_info(run_dir: Path) -> dict:
         # only a finished run's model is served: not a failed run's leftover config files
         "has_model": status == RunState.COMPLETED and model_complete(run_dir / MODEL_DIR),
         "has_manifest": (run_dir / MANIFEST).is_file(),
+        # what `fab serve --run A --run B --with-base` needs: the model a fine-tune started
+        # from (its --model, as typed) and whether its model/ keeps a LoRA adapter
+        "base": (meta.get("args") or {}).get("model") if meta.get("job") != "pretrain" else None,
+        "lora": (run_dir / MODEL_DIR / ADAPTER_DIR / "adapter_config.json").is_file(),
     }
 
 

@@ -16,12 +16,13 @@ import json
 import secrets
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from invoke import Exit
 
-from facts import API_KEY_ENV
+from facts import API_KEY_ENV, MODEL_DIR, RUNS_DIR_NAME
 from remote.runner import Runner
 from remote.target import Target, write_secret
 
@@ -51,15 +52,57 @@ def mask(key: str) -> str:
     return f"{key[:4]}…{key[-2:]} ({len(key)} chars)"
 
 
+def model_flags(
+    runs: list[dict[str, Any]], path: Callable[[str], str], with_base: bool
+) -> list[str]:
+    """The server's ``--model``/``--adapter`` flags for these runs (probe's run infos), each
+    served under its run's name: a LoRA run as an adapter over its base (one copy of the base
+    for all of them, as TGI's multi-LoRA), a full fine-tune as a model of its own. The first
+    run is the server's default. ``with_base`` adds the model the first run started from."""
+    several = len(runs) > 1 or with_base  # alone, a LoRA run's merged model decodes faster
+    flags: list[str] = []
+    for info in runs:
+        model_dir = path(f"{RUNS_DIR_NAME}/{info['name']}/{MODEL_DIR}")
+        kind = "--adapter" if several and info.get("lora") else "--model"
+        flags += [kind, f"{info['name']}={model_dir}"]
+    if with_base:
+        base = runs[0].get("base")
+        if not base:
+            raise Exit(
+                f"--with-base: run {runs[0]['name']} started from no base model (a pretrain run "
+                "starts from scratch). Name the runs to compare with --run instead."
+            )
+        flags += ["--model", path(base) if _looks_local(base) else base]
+    return flags
+
+
+def _looks_local(source: str) -> bool:
+    """A path as the job was given it (relative to the job's directory), not a hub id."""
+    return source.startswith(("/", ".", "~", f"{RUNS_DIR_NAME}/")) or source.count("/") > 1
+
+
+def check_plan(runner: Runner, models: list[str], quantize: str) -> str:
+    """The server's own ``--plan`` for these models on the host: what loads, as which id, and the
+    memory it needs. A plan that does not fit stops `fab serve` here, before any server is
+    stopped or any weight read, with the server's words on what would fit."""
+    argv = [runner.python(), "-m", "serving.server", *models, "--plan"]
+    if quantize:
+        argv += ["--quantize", quantize]
+    res = runner.sh(shlex.join(argv), warn=True, timeout=300)
+    if not res.ok:
+        said = (res.stderr or res.stdout).strip().removeprefix("error: ")
+        raise Exit(f"the server would refuse these models: {said}")
+    return res.stdout.strip()
+
+
 def native_argv(
-    python: str, model_dir: str, *, bind: str, port: int, quantize: str, gpu: bool
+    python: str, models: list[str], *, bind: str, port: int, quantize: str, gpu: bool
 ) -> list[str]:
     argv = [
         python,
         "-m",
         "serving.server",
-        "--model",
-        model_dir,
+        *models,
         "--host",
         bind,
         "--port",

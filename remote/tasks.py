@@ -313,9 +313,12 @@ def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
 
 
 @task(
+    iterable=["run"],
     help=_help(
-        run="the run whose model/ to serve (default: the latest with a model)",
-        engine="native (python -m serving.server) or tgi (Docker, launch_gpt2.sh)",
+        run="a run whose model/ to serve (default: the latest with a model); repeat it to serve "
+        "several from one server: --run base-run --run sft-run (each picked by its name)",
+        with_base="also serve the model the first --run started from (base vs fine-tuned)",
+        engine="native (python -m serving.server) or tgi (Docker, launch_gpt2.sh; one run)",
         quantize="int8: dynamic int8 weights (native engine, CPU)",
         port="API port (default: the stack's api_port, 8080)",
         bind="address to listen on (default: 0.0.0.0 on a VM, 127.0.0.1 locally)",
@@ -325,7 +328,8 @@ def fetch(c, run, dest="", target="", stack="", host="", user="", key=""):
 )
 def serve(
     c,
-    run="",
+    run=None,
+    with_base=False,
     engine="native",
     quantize="",
     port=0,
@@ -338,41 +342,67 @@ def serve(
     user="",
     key="",
 ):
-    """Serve a run's model behind the stack's API key; render prompt.sh and chat.html.
+    """Serve runs' models behind the stack's API key; render prompt.sh and chat.html.
 
-    The native engine runs as a systemd service (restarts on failure and at boot); TGI runs
-    from the rendered launch_gpt2.sh. The key is kept in .tinycloud/<stack>/api_key (0600).
+    Several --run (and --with-base) share one native server: each is picked by its run's name
+    (`adapter_id` on /generate, `model` on /v1), and the chat page's compare mode sets them side
+    by side. LoRA runs share one copy of their base. A set that would not fit in memory is
+    refused before anything loads. The native engine runs as a systemd service (restarts on
+    failure and at boot); TGI runs from the rendered launch_gpt2.sh. The key is kept in
+    .tinycloud/<stack>/api_key (0600).
     """
     from remote import serve as srv
-    from remote.launch import find_run, latest_run
 
+    runs = [run] if isinstance(run, str) else run or []  # `fab demo` calls it with a name
+    names = [n for r in runs for n in r.split(",") if n]
+    if engine == "tgi" and (len(names) > 1 or with_base):
+        raise Exit("--engine tgi serves one run; serve several with --engine native.")
     with _session(target, stack, host, user, key) as (where, runner):
         if stop:
             srv.stop_servers(runner)
             print("stopped serving")
             return
-        info = find_run(runner, run) if run else latest_run(runner, with_model=True)
-        if not info or not info["has_model"]:
-            raise Exit(f"run {run!r} has no model/ on the host yet. `fab status` shows the runs.")
-        model_dir = runner.path(f"{RUNS_DIR_NAME}/{info['name']}/model")
+        infos = _servable_runs(runner, names)
+        models = srv.model_flags(infos, runner.path, with_base)
+        model_dir = runner.path(f"{RUNS_DIR_NAME}/{infos[0]['name']}/model")
         port = int(port) or (API_PORT if where.local else where.api_port)
         api_key = srv.api_key(where)
-        how = _start_engine(runner, where, engine, model_dir, port, bind, quantize, api_key)
-        print(f"serving {info['name']} with {how}")
+        if engine == "native":
+            print(srv.check_plan(runner, models, quantize))
+        how = _start_engine(runner, where, engine, models, model_dir, port, bind, quantize, api_key)
+        both = " and the base of the first" if with_base else ""
+        print(f"serving {', '.join(i['name'] for i in infos)}{both} with {how}")
         took = srv.wait_healthy(runner, port, wait)
         url = _api_url(where, port)
         fmt = srv.remote_prompt_format(runner, model_dir)
-        srv.save_served(
-            where, {"run": info["name"], "engine": engine, "url": url, "prompt_format": fmt}
-        )
+        served = {"run": infos[0]["name"], "engine": engine, "url": url, "prompt_format": fmt}
+        srv.save_served(where, {**served, "runs": [i["name"] for i in infos]})
     print(f"healthy after {took:.0f}s at {url}  (API key {srv.mask(api_key)})")
     _render_clients(where, url, api_key, fmt)
+
+
+def _servable_runs(runner: Runner, names: list[str]) -> list[dict[str, Any]]:
+    """The named runs' infos (default: the latest with a model), each with a finished model."""
+    from remote.launch import check_name, find_run, latest_run
+
+    if not names:
+        return [latest_run(runner, with_model=True)]
+    if len(set(names)) < len(names):
+        raise Exit(f"--run {' --run '.join(names)}: each run once.")
+    infos = []
+    for name in names:
+        info = find_run(runner, check_name(name))
+        if not info or not info["has_model"]:
+            raise Exit(f"run {name!r} has no model/ on the host yet. `fab status` shows the runs.")
+        infos.append(info)
+    return infos
 
 
 def _start_engine(
     runner: Runner,
     where: Target,
     engine: str,
+    models: list[str],
     model_dir: str,
     port: int,
     bind: str,
@@ -387,7 +417,7 @@ def _start_engine(
     if engine == "native":
         bind = bind or ("127.0.0.1" if where.local else "0.0.0.0")  # noqa: S104 (the SG limits who)
         argv = srv.native_argv(
-            runner.python(), model_dir, bind=bind, port=port, quantize=quantize, gpu=gpu
+            runner.python(), models, bind=bind, port=port, quantize=quantize, gpu=gpu
         )
         return srv.start_native(runner, argv, api_key)
     if engine == "tgi":
@@ -701,8 +731,11 @@ def demo(c, fresh=False, scale="1", port=0, question=""):
         for i, step in enumerate(jobs, 1):
             d.run_step(runner, step, i, total)
         report = d.report_path(runner)
-    print(f"\n[{total}/{total}] serve the fine-tuned model, render the chat page", flush=True)
-    serve(c, run="demo-finetune", port=port, target="local")
+    print(
+        f"\n[{total}/{total}] serve the fine-tuned model and its base, render the chat page",
+        flush=True,
+    )
+    serve(c, run="demo-finetune", with_base=True, port=port, target="local")
     url = load_served(where)["url"]
     question = question or d.QUESTION
     answer = generate(url, api_key(where), format_prompt(question), 48)["generated_text"]
@@ -711,6 +744,7 @@ def demo(c, fresh=False, scale="1", port=0, question=""):
         "\ntinycloud demo is up\n"
         f"  chat page   {page}   (open it, or `fab chat --target local`)\n"
         f"  server      {url}   (stop: `fab serve --stop --target local`)\n"
+        "  compare     tick demo-pretrain beside demo-finetune under Compare in the page\n"
         f"  evaluation  {report}\n"
         f"  Q: {question}\n"
         f"  A: {answer.strip()}"

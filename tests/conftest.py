@@ -267,3 +267,13 @@ def chat_in_chromium(page: Path, url: str, screenshot: Path) -> None:
 @pytest.fixture(scope="session")
 def tiny_lora_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return build_lora_run(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora") / "model")
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

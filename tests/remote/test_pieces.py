@@ -158,7 +158,7 @@ def test_shipped_files_are_jobs_and_serving_without_caches():
 def test_systemd_unit_restarts_and_keeps_the_key_out_of_the_command_line():
     argv = native_argv(
         "/home/ubuntu/tinycloud/.venv/bin/python",
-        "/home/ubuntu/my runs/m",
+        ["--model", "m=/home/ubuntu/my runs/m"],
         bind="0.0.0.0",
         port=8080,
         quantize="int8",
@@ -171,7 +171,7 @@ def test_systemd_unit_restarts_and_keeps_the_key_out_of_the_command_line():
         env_file="/home/ubuntu/tinycloud/serve/serve.env",
     )
     assert "Restart=on-failure" in unit and "WantedBy=multi-user.target" in unit
-    assert '"/home/ubuntu/my runs/m"' in unit  # quoted for systemd's own parser
+    assert '--model "m=/home/ubuntu/my runs/m"' in unit  # quoted for systemd's own parser
     assert "--quantize int8" in unit and "--cors-origin null" in unit
     assert "EnvironmentFile=/home/ubuntu/tinycloud/serve/serve.env" in unit
     assert "api-key" not in unit

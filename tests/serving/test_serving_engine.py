@@ -12,21 +12,12 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import wait_until
 from serving_helpers import ThreadServer, build_eos_model, stream_events
 
 from serving.model import load_model
 from serving.server import create_app
 from serving.settings import Settings
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
 
 # --- the model pass -------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ROOT, build_tiny_model, free_port
+from conftest import ROOT, build_tiny_model, free_port, wait_until
 from serving_helpers import ThreadServer, stream_events
 
 from serving import catalog, memory
@@ -32,15 +32,6 @@ from serving.settings import from_args
 BASE, FULL, LORA, POISON = "base", "full", "lora", "poison"
 POISONED_POSITION = 200
 PROMPT = "The quick brown fox"
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import time
 
 import httpx
 import pytest
+from conftest import wait_until
 from serving_helpers import ThreadServer, stream_events
 
 from serving import constants as C
@@ -29,15 +30,6 @@ from serving.server import create_app
 from serving.settings import Settings
 
 POISONED_POSITION = 200
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def metric(client: httpx.Client, name: str) -> float:

@@ -24,12 +24,11 @@ from web_harness import (  # noqa: F401 (pytest fixtures)
     auth,
     browser_fixture,
     bucket,
+    endless_message,
     expected_prompt,
     open_chat_fixture,
     running_server,
 )
-
-from remote.jobs.prompts import PROMPT_FORMAT
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +52,7 @@ def build_runs(root: Path) -> dict[str, Path]:
     sharp = build_tiny_model(root / SHARP / "model", n_positions=128, seed=1)
     model = GPT2LMHeadModel.from_pretrained(sharp)
     with torch.no_grad():
-        model.transformer.wte.weight.mul_(3.5)
+        model.transformer.wte.weight.mul_(5.0)
     model.save_pretrained(sharp)
     return {BASE: base, SHARP: sharp}
 
@@ -112,17 +111,16 @@ def requests_for(chat, model: str | None) -> list[dict]:
     return [r for r in chat.requests if r["parameters"].get("adapter_id") == model]
 
 
-def endless_message(base: str) -> str:
-    """A message base-run answers greedily (in the page's prompt, with its stop sequence)
-    without ever ending: its greedy output loops without EOS or the stop sequence."""
-    for message in ("Tell me a long story.", "hold", "wait", "the", "a b c", "zz"):
-        params = {"max_new_tokens": 300, "do_sample": False, "repetition_penalty": 1,
-                  "stop": [PROMPT_FORMAT["stop"]], "details": True}  # fmt: skip
-        body = {"inputs": expected_prompt(message), "parameters": params}
-        res = httpx.post(f"{base}/generate", json=body, headers=auth(), timeout=120)
-        if res.json()["details"]["finish_reason"] == "length":
-            return message
-    pytest.fail("every message reached EOS on base-run: change its seed")
+def seeded(chat, seed: int = 0) -> None:
+    """Add a sampling seed to every /generate_stream request the page sends, so what the
+    model samples (and so which probability buckets its tokens fall in) is the same each run."""
+
+    def add_seed(route) -> None:
+        body = json.loads(route.request.post_data)
+        body["parameters"]["seed"] = seed
+        route.continue_(post_data=json.dumps(body))
+
+    chat.page.route("**/generate_stream", add_seed)
 
 
 # --- compare mode ---------------------------------------------------------------------------
@@ -174,7 +172,7 @@ def test_stop_one_column_while_the_other_answers_in_full(compare_server, open_ch
     """base-run is asked for 8000 greedy tokens that never end and stopped from its column at
     its first token; sharp-run, whose context is 128 tokens (the page learns it from the server's
     422), answers in full. Deterministic: base-run's answer takes seconds."""
-    message = endless_message(compare_server)
+    message = endless_message(compare_server, "base-run")
     chat = open_chat(compare_server)
     compare(chat, SHARP)
     chat.set(max_new_tokens=8000, temperature=0, repetition_penalty=1)
@@ -242,6 +240,7 @@ def test_token_view_shows_what_the_model_weighed_while_streaming(compare_server,
     chat.page.check("#colour-tokens")  # colours turn the token view on too
     assert chat.page.is_checked("#show-tokens") and chat.page.is_visible("#token-legend")
     chat.set(max_new_tokens=40, top_n_tokens=5, **SAMPLING)
+    seeded(chat)  # the page sends no seed: the buckets asserted below must not hang on luck
     # At the first token of each column, from inside the page (so, mid-stream for certain):
     # focus it and note what the tip shows.
     chat.page.evaluate(

@@ -23,6 +23,7 @@ from web_harness import (  # noqa: F401 (pytest fixtures)
     XSS,
     browser_fixture,
     bucket,
+    endless_message,
     expected_prompt,
     open_chat_fixture,
     running_server,
@@ -162,25 +163,11 @@ def long_server(long_model):
         yield base
 
 
-def _endless_message(base: str) -> str:
-    """A message the random model answers greedily, in the page's prompt and with its stop
-    sequence, without ever ending: greedy output falls into a loop, and one whose loop holds
-    neither EOS nor the stop sequence runs to max_new_tokens."""
-    for message in ("Tell me a long story.", "hold", "wait", "the", "a b c", "zz"):
-        params = {"max_new_tokens": 300, "do_sample": False, "repetition_penalty": 1,
-                  "stop": [PROMPT_FORMAT["stop"]], "details": True}  # fmt: skip
-        body = {"inputs": expected_prompt(message), "parameters": params}
-        res = httpx.post(f"{base}/generate", json=body, headers=_auth(), timeout=120)
-        if res.json()["details"]["finish_reason"] == "length":
-            return message
-    pytest.fail("every message reached EOS on the random model: change long_model's seed")
-
-
 def test_stop_aborts_the_stream_and_reenables_the_ui(long_server, open_chat):
     """Deterministic under any load: the answer is asked for 8000 greedy tokens that never end
     (seconds of work, so it cannot arrive whole before the page reads it), and Stop is pressed
     from inside the page the moment the first token shows."""
-    message = _endless_message(long_server)
+    message = endless_message(long_server)
     chat = open_chat(long_server)
     chat.wait_online()
     chat.set(max_new_tokens=8000, temperature=0, repetition_penalty=1)

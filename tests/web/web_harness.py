@@ -162,3 +162,19 @@ def open_chat_fixture(browser, tmp_path):
 def expected_prompt(newest: str, system: str = PROMPT_FORMAT["system"]) -> str:
     f = PROMPT_FORMAT
     return system + f["separator"] + f["user_prefix"] + newest + f["user_suffix"]
+
+
+def endless_message(base: str, model: str = "the random model") -> str:
+    """A message the server's own model answers greedily, in the page's prompt and with its stop
+    sequence, without ever ending: greedy output falls into a loop, and one whose loop holds
+    neither EOS nor the stop sequence runs to max_new_tokens."""
+    import httpx
+
+    for message in ("Tell me a long story.", "hold", "wait", "the", "a b c", "zz"):
+        params = {"max_new_tokens": 300, "do_sample": False, "repetition_penalty": 1,
+                  "stop": [PROMPT_FORMAT["stop"]], "details": True}  # fmt: skip
+        body = {"inputs": expected_prompt(message), "parameters": params}
+        res = httpx.post(f"{base}/generate", json=body, headers=auth(), timeout=120)
+        if res.json()["details"]["finish_reason"] == "length":
+            return message
+    pytest.fail(f"every message reached EOS on {model}: change its seed")
