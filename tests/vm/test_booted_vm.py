@@ -44,6 +44,8 @@ from remote.notebook import PORT as NOTEBOOK_PORT
 from serving.constants import DEFAULT_IMAGE
 from tests.remote.remote_harness import fab_cli
 
+# One machine, tests in order (each needs the one before): under pytest-xdist this file must stay
+# on one worker, as `--dist loadfile` keeps it (plain `-n` would scatter its tests).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 VENV_PYTHON = f"{VM_WORK_DIR}/.venv/bin/python"

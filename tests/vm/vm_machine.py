@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import json
 import os
@@ -41,6 +42,7 @@ from pathlib import Path
 
 REGISTRIES = ("deb.debian.org", "pypi.org", "files.pythonhosted.org")
 SUBNET_PREFIX = "10.213"
+NETWORK_LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else "/tmp") / "tinycloud-vm-net.lock"
 VM_UID = 1000  # cloud-init's default user is the first account: `ubuntu`, uid 1000
 UV_CACHE_IN_VM = "/var/cache/tinycloud-uv"
 
@@ -112,19 +114,28 @@ class Network:
 
     @classmethod
     def create(cls, name: str) -> Network:
-        net = cls(name, _free_subnet(), dns_servers(), registry_addresses())
-        try:
-            run("ip", "netns", "add", name)
-            run("ip", "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", name)
-            run("ip", "addr", "add", f"{net.host_ip}/24", "dev", name)
-            run("ip", "link", "set", name, "up")
-            run("nft", "-f", "-", input=net.ruleset())
-            net.forwarding_was = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
-            Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-        except BaseException:
-            net.close()
-            raise
+        dns, registries = dns_servers(), registry_addresses()
+        # Choosing a free subnet and taking it is one step for every test run on this machine
+        # (two sessions, or xdist workers): else two VMs can share an address.
+        with open(NETWORK_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            net = cls(name, _free_subnet(), dns, registries)
+            try:
+                net._open()
+            except BaseException:
+                net.close()
+                raise
         return net
+
+    def _open(self) -> None:
+        name = self.name
+        run("ip", "netns", "add", name)
+        run("ip", "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", name)
+        run("ip", "addr", "add", f"{self.host_ip}/24", "dev", name)
+        run("ip", "link", "set", name, "up")
+        run("nft", "-f", "-", input=self.ruleset())
+        self.forwarding_was = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
 
     def ruleset(self) -> str:
         """Forward the VM's traffic to the registries (HTTP/S) and DNS only; masquerade it."""
