@@ -212,7 +212,9 @@ def test_soak(tiny_model_dir, port):
     settled += delta["tinycloud_request_cancelled_total"]
     assert delta["tgi_request_count_total"] == settled
     assert seen["routed"] <= settled <= seen["routed"] + seen["maybe-routed"]
-    assert failures.get('tgi_request_failure_total{err="overloaded"}', 0) == seen["429"]
+    # A client that left before its answer (left-request 0) may have been refused all the same.
+    overloaded = failures.get('tgi_request_failure_total{err="overloaded"}', 0)
+    assert seen["429"] <= overloaded <= seen["429"] + seen["left-request 0"]
     refused = sum(v for k, v in seen.items() if k.startswith("invalid 422"))
     assert failures.get('tgi_request_failure_total{err="validation"}', 0) == refused
     assert set(failures) <= {
