@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_throughput.py            # 5 rounds, ~5 min on 2 quiet cores
     .venv/bin/python bench/train_throughput.py --quick    # one round, ~1.5 min
     .venv/bin/python bench/train_throughput.py --padded   # also time padded micro-batches
+    .venv/bin/python bench/train_throughput.py --unjoined # also time one packed row a micro-batch
 
 Both sides train a randomly initialised GPT-2 124M (the real architecture and 50,257-token
 vocabulary; nothing is downloaded) with the Hugging Face Trainer, 16 examples per optimizer step
@@ -11,15 +12,19 @@ as batch 4 x gradient accumulation 4, AdamW, fp32:
 - course: ``Input: ...\\nOutput: ...`` text, ``padding="max_length"`` at 256 tokens,
   DataCollatorForLanguageModeling, logits and loss at every position;
 - ours: remote.jobs.finetune's Trainer and model preparation with its default flags: the Alpaca
-  prompt, examples packed end to end with attention kept within each, lm_head only where the
-  loss is and fused with it, GELU in one kernel, fused AdamW; then the same with LoRA (and,
-  with ``--padded``, micro-batches padded to their longest and re-cut for the least padding
-  instead of packed).
+  prompt, examples packed end to end with attention kept within each, a step's packed rows
+  joined up to the memory plan's tokens, lm_head only where the loss is and fused with it, GELU
+  in one kernel, fused AdamW; then the same with LoRA (and, with ``--padded``, micro-batches
+  padded to their longest and re-cut for the least padding instead of packed; with
+  ``--unjoined``, one packed row per micro-batch).
 
 The examples have alpaca-1k's shape: its real lengths when the dataset can be loaded, otherwise
 lengths drawn to a mean of about 90 tokens in our format, a third of that prompt. The bench prints
-the length statistics, seconds per 16 examples, the ratio, real tokens/s and achieved GFLOP/s
-against a measured fp32 matmul peak.
+the machine first (bench/machine.py: CPU, memory bandwidth, fp32 matmul peak, date), then the
+length statistics, seconds per 16 examples, the ratio, real tokens/s and achieved GFLOP/s
+against the measured peak, and a profile of each variant's median round: the share of the step
+in data (fetching and collating), forward, backward and optimizer, each with its GFLOP/s and
+share of the peak, so the next optimisation starts from where the time goes.
 
 The variants take turns, one optimizer step each on the same 16 examples, round after round, so a
 neighbour's load falls on all of them alike. The headline, the last line
@@ -54,6 +59,7 @@ VARIANTS = [  # ours: (name, remote.jobs.finetune flags beyond its defaults, ben
     ("ours+lora", ["--lora-rank", str(LORA_RANK)], None),
     ("ours padded", ["--batching", "padded"], "padded"),
     ("ours bf16", ["--precision", "bf16"], "bf16"),
+    ("ours unjoined", [], "unjoined"),  # one packed row per micro-batch, as before joining
 ]
 TOKENIZER_VOCAB = 8192  # offline BPE size when GPT-2's own tokenizer is not cached
 WORDS_TEXT = (  # a fallback vocabulary when no shipped data is present
@@ -173,7 +179,7 @@ def train_flops(cfg, seqs: list[int], logit_positions: int, lora: bool) -> dict[
 
 
 PHASES = ("data", "forward", "backward", "optimizer", "other")
-ADAMW_FLOPS, ADAMW_BYTES = 15, 40  # per trained parameter: clipping and AdamW (fp32 p, g, m, v)
+ADAMW_FLOPS = 15  # per trained parameter: clipping the gradient and the AdamW update
 
 
 class StepTimer:
@@ -370,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a single round")
     p.add_argument("--padded", action="store_true", help="also time padded micro-batches")
     p.add_argument("--bf16", action="store_true", help="also time ours in mixed bf16")
+    p.add_argument(
+        "--unjoined", action="store_true", help="also time ours with one packed row a micro-batch"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
@@ -424,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "course":
                     t, info = course_step(models[name], tok, batch, Path(tmp))
                 else:
-                    t, info = ours_step(models[name], tok, batch, Path(tmp), flags[name], cap)
+                    joined = 0 if name == "ours unjoined" else cap
+                    t, info = ours_step(models[name], tok, batch, Path(tmp), flags[name], joined)
                 times[name].append(t)
                 infos[name].append({**info, "trained": trained[name]})
             print(
@@ -458,7 +468,7 @@ def report(cfg, machine, peaks: dict, names: list[str], times, infos, lora: set)
             f"({flops / wall / 1e9 / peaks[n]:.0%} of peak)  cpu {cpu:6.1f} s "
             f"({cpu / machine.threads:.2f} s a thread)"
         )
-    profile(cfg, machine, peaks, names, times, infos, lora)
+    profile(cfg, peaks, names, times, infos, lora)
     full, lora_r = (statistics.median(ratios(times, n, "cpu")) for n in ("ours", "ours+lora"))
     print(
         f"cpu-time speedup: {full:.1f}x (lora {lora_r:.1f}x): the stricter figure; the course's "
@@ -473,9 +483,9 @@ def report(cfg, machine, peaks: dict, names: list[str], times, infos, lora: set)
     print(f"train speedup: {full:.1f}x (lora {lora_r:.1f}x)")
 
 
-def profile(cfg, machine, peaks: dict, names: list[str], times, infos, lora: set) -> None:
-    """Where each variant's median round spends its time, and at what rate: the matmul phases
-    against the measured peak, the optimizer (memory-bound) against the measured bandwidth."""
+def profile(cfg, peaks: dict, names: list[str], times, infos, lora: set) -> None:
+    """Where each variant's median round spends its time, and at what rate against the
+    measured matmul peak."""
     print(
         "profile of the median round: share of the step's wall time, achieved GFLOP/s "
         "(share of the fp32 matmul peak)"
@@ -501,16 +511,10 @@ def profile(cfg, machine, peaks: dict, names: list[str], times, infos, lora: set
                 else f"{seconds:5.2f} s {share:4.0%}{'-':>14}"
             )
         print(f"  {phase:<10}" + "".join(f"{c:>27}" for c in cells))
-    memory = []
-    for n in names:
-        seconds = max(rows[n]["phases"]["optimizer"], 1e-9)
-        gbs = ADAMW_BYTES * info[n]["trained"] / seconds / 1e9
-        memory.append(f"{gbs:5.1f} GB/s ({gbs / machine.bandwidth_gbs:4.0%})")
-    print(f"  {'opt. bytes':<10}" + "".join(f"{c:>27}" for c in memory))
     print(
-        f"  (forward/backward: matmul FLOPs of the blocks, attention and lm_head; optimizer: "
-        f"~{ADAMW_FLOPS} FLOPs and {ADAMW_BYTES} bytes a trained parameter for clipping and "
-        f"AdamW, the bytes against the {machine.bandwidth_gbs:.1f} GB/s measured)"
+        "  (forward/backward: the matmul FLOPs of the blocks, attention and lm_head; optimizer: "
+        f"~{ADAMW_FLOPS} FLOPs a trained parameter for clipping and AdamW, memory-bound; each "
+        "round's Trainer starts a fresh optimizer, so its row is a first step's)"
     )
 
 
