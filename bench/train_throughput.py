@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_throughput.py            # 5 rounds, ~5 min on 2 quiet cores
     .venv/bin/python bench/train_throughput.py --quick    # one round, ~1.5 min
     .venv/bin/python bench/train_throughput.py --padded   # also time padded micro-batches
+    .venv/bin/python bench/train_throughput.py --unjoined # also time one packed row a micro-batch
 
 Both sides train a randomly initialised GPT-2 124M (the real architecture and 50,257-token
 vocabulary; nothing is downloaded) with the Hugging Face Trainer, 16 examples per optimizer step
@@ -11,15 +12,19 @@ as batch 4 x gradient accumulation 4, AdamW, fp32:
 - course: ``Input: ...\\nOutput: ...`` text, ``padding="max_length"`` at 256 tokens,
   DataCollatorForLanguageModeling, logits and loss at every position;
 - ours: remote.jobs.finetune's Trainer and model preparation with its default flags: the Alpaca
-  prompt, examples packed end to end with attention kept within each, lm_head only where the
-  loss is and fused with it, GELU in one kernel, fused AdamW; then the same with LoRA (and,
-  with ``--padded``, micro-batches padded to their longest and re-cut for the least padding
-  instead of packed).
+  prompt, examples packed end to end with attention kept within each, a step's packed rows
+  joined up to the memory plan's tokens, lm_head only where the loss is and fused with it, GELU
+  in one kernel, fused AdamW; then the same with LoRA (and, with ``--padded``, micro-batches
+  padded to their longest and re-cut for the least padding instead of packed; with
+  ``--unjoined``, one packed row per micro-batch).
 
 The examples have alpaca-1k's shape: its real lengths when the dataset can be loaded, otherwise
 lengths drawn to a mean of about 90 tokens in our format, a third of that prompt. The bench prints
-the length statistics, seconds per 16 examples, the ratio, real tokens/s and achieved GFLOP/s
-against a measured fp32 matmul peak.
+the machine first (bench/machine.py: CPU, memory bandwidth, fp32 matmul peak, date), then the
+length statistics, seconds per 16 examples, the ratio, real tokens/s and achieved GFLOP/s
+against the measured peak, and a profile of each variant's median round: the share of the step
+in data (fetching and collating), forward, backward and optimizer, each with its GFLOP/s and
+share of the peak, so the next optimisation starts from where the time goes.
 
 The variants take turns, one optimizer step each on the same 16 examples, round after round, so a
 neighbour's load falls on all of them alike. The headline, the last line
@@ -43,9 +48,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.machine import matmul_peak_gflops  # noqa: E402
+from bench.machine import matmul_peak_gflops, measure  # noqa: E402
 
 COURSE_MAX_LENGTH = 256  # the course pads every example to this
+DATASET_ROWS = 1000  # alpaca-1k's size: the rows whose longest sets finetune's packed rows
 BATCH, ACCUM = 4, 4  # the course's batch and accumulation: 16 examples a step
 LORA_RANK = 16
 VARIANTS = [  # ours: (name, remote.jobs.finetune flags beyond its defaults, bench flag adding it)
@@ -53,6 +59,7 @@ VARIANTS = [  # ours: (name, remote.jobs.finetune flags beyond its defaults, ben
     ("ours+lora", ["--lora-rank", str(LORA_RANK)], None),
     ("ours padded", ["--batching", "padded"], "padded"),
     ("ours bf16", ["--precision", "bf16"], "bf16"),
+    ("ours unjoined", [], "unjoined"),  # one packed row per micro-batch, as before joining
 ]
 TOKENIZER_VOCAB = 8192  # offline BPE size when GPT-2's own tokenizer is not cached
 WORDS_TEXT = (  # a fallback vocabulary when no shipped data is present
@@ -156,25 +163,42 @@ def length_stats(name: str, lengths: list[int], extra: str = "") -> None:
     )
 
 
-def train_flops(cfg, seqs: list[int], logit_positions: int, lora: bool) -> float:
-    """FLOPs one pass over ``seqs`` (computed lengths, padding included) costs: matmuls of the
-    blocks (6 per weight per token; 4 with frozen weights), attention scores, and lm_head."""
+def train_flops(cfg, seqs: list[int], logit_positions: int, lora: bool) -> dict[str, float]:
+    """FLOPs one pass over ``seqs`` (computed lengths, padding included) costs, by phase: the
+    blocks' matmuls (2 per weight per token forward, 4 backward, 2 with frozen weights, whose
+    gradient is not computed), attention scores and values, lm_head at ``logit_positions``."""
     h, layers, v = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    body = 12 * layers * h * h
-    per_weight = 4 if lora else 6
-    tokens = sum(seqs)
-    attention = sum(12 * layers * h * t * t for t in seqs)
-    head = logit_positions * 2 * h * v * (2 if lora else 3)
-    return per_weight * body * tokens + attention + head
+    body = 12 * layers * h * h * sum(seqs)
+    attention = sum(4 * layers * h * t * t for t in seqs)
+    head = logit_positions * 2 * h * v
+    back = 1 if lora else 2  # frozen weights: only the gradient of the input
+    return {
+        "forward": 2 * body + attention + head,
+        "backward": back * 2 * body + 2 * attention + back * head,
+    }
+
+
+PHASES = ("data", "forward", "backward", "optimizer", "other")
+ADAMW_FLOPS = 15  # per trained parameter: clipping the gradient and the AdamW update
 
 
 class StepTimer:
-    """Wall and CPU time (all of this process's threads) of each optimizer step."""
+    """Wall and CPU time (all of this process's threads) of one optimizer step, and its wall
+    time by phase, from hooks on the Trainer's own methods:
 
-    def __init__(self):
+    - data: fetching and collating the step's micro-batches (``get_batch_samples``);
+    - forward: ``compute_loss``; backward: the rest of ``training_step`` (autograd);
+    - optimizer: from the step's last backward to its end: gradient clipping, the optimizer,
+      the schedule, zero_grad; other: what is left (callbacks, bookkeeping).
+    """
+
+    def __init__(self, trainer):
         from transformers import TrainerCallback
 
         timer = self
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.wall = self.cpu = 0.0
+        self.t0, self.last_backward = (0.0, 0.0), 0.0
 
         class _CB(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
@@ -182,11 +206,43 @@ class StepTimer:
 
             def on_step_end(self, args, state, control, **kw):
                 wall, cpu = time.perf_counter(), time.process_time()
-                timer.steps.append((wall - timer.t0[0], cpu - timer.t0[1]))
+                timer.wall += wall - timer.t0[0]
+                timer.cpu += cpu - timer.t0[1]
+                timer.phases["optimizer"] += wall - timer.last_backward
 
-        self.steps: list[tuple[float, float]] = []
-        self.t0 = (0.0, 0.0)
-        self.callback = _CB()
+        def timed(fn, phase):
+            def run(*a, **kw):
+                t, c = time.perf_counter(), time.process_time()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    self.phases[phase] += time.perf_counter() - t
+                    if phase == "data":  # before on_step_begin: counted in the step here
+                        self.wall += time.perf_counter() - t
+                        self.cpu += time.process_time() - c
+
+            return run
+
+        def training_step(*a, **kw):
+            t, forward = time.perf_counter(), self.phases["forward"]
+            try:
+                return step(*a, **kw)
+            finally:
+                self.last_backward = time.perf_counter()
+                self.phases["backward"] += self.last_backward - t
+                self.phases["backward"] -= self.phases["forward"] - forward
+
+        trainer.get_batch_samples = timed(trainer.get_batch_samples, "data")
+        trainer.compute_loss = timed(trainer.compute_loss, "forward")
+        step = trainer.training_step
+        trainer.training_step = training_step
+        trainer.add_callback(_CB())
+
+    def result(self) -> dict:
+        """The step's wall and CPU seconds and its phases; "other" is what they leave."""
+        phases = dict(self.phases)
+        phases["other"] = max(0.0, self.wall - sum(v for k, v in phases.items() if k != "other"))
+        return {"wall": self.wall, "cpu": self.cpu, "phases": phases}
 
 
 def course_texts(rows) -> list[str]:
@@ -196,7 +252,7 @@ def course_texts(rows) -> list[str]:
     ]
 
 
-def course_step(model, tok, rows, out: Path) -> tuple[float, dict]:
+def course_step(model, tok, rows, out: Path) -> tuple[dict, dict]:
     """One optimizer step of the course recipe on ``rows`` (16 examples)."""
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -216,19 +272,18 @@ def course_step(model, tok, rows, out: Path) -> tuple[float, dict]:
         logging_strategy="no",
         seed=0,
     )
-    timer = StepTimer()
     trainer = Trainer(
         model=model,
         args=targs,
         train_dataset=Dataset.from_dict(dict(enc)),
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-        callbacks=[timer.callback],
     )
     trainer.remove_callback(PrinterCallback)  # its end-of-train dict on every step
+    timer = StepTimer(trainer)
     trainer.train()
     seqs = [COURSE_MAX_LENGTH] * len(rows)
     real = sum(sum(m) for m in enc["attention_mask"])
-    return timer.steps[0], {"real_tokens": real, "seqs": seqs, "logits": sum(seqs)}
+    return timer.result(), {"real_tokens": real, "seqs": seqs, "logits": sum(seqs)}
 
 
 def ours_args(flags: list[str]):
@@ -238,17 +293,15 @@ def ours_args(flags: list[str]):
     return finetune.parse_args(["--max-steps", "1", "--device", "cpu", *flags])
 
 
-def ours_step(model, tok, rows, out: Path, args) -> tuple[float, dict]:
+def ours_step(model, tok, rows, out: Path, args, pack_tokens: int) -> tuple[dict, dict]:
     """One optimizer step of remote.jobs.finetune's Trainer on the same 16 examples, the model
-    prepared by finetune.prepare_model as a real run's is."""
+    prepared by finetune.prepare_model as a real run's is, packed rows joined up to
+    ``pack_tokens`` as finetune joins them (--batch-size examples as long as the longest)."""
     from transformers.trainer_callback import PrinterCallback
 
     from remote.jobs import finetune
-    from remote.jobs.dataset import format_instruction
-    from remote.jobs.sft_batches import tokenize_examples
 
-    pairs = [format_instruction(r, tok.eos_token) for r in rows]
-    feats, _ = tokenize_examples(tok, pairs, finetune.MAX_LENGTH)
+    feats = ours_features(tok, rows)
     targs = finetune.training_arguments(args, out / "ours", finetune.schedule(args, 16, 1), "cpu")
     targs = dataclasses.replace(
         targs,
@@ -258,19 +311,19 @@ def ours_step(model, tok, rows, out: Path, args) -> tuple[float, dict]:
         logging_strategy="no",
         logging_first_step=False,
     )
-    timer = StepTimer()
     packing = args.batching == "packed"
     trainer = finetune.make_trainer(
-        model, tok, feats, [], targs, packing=packing, callbacks=[timer.callback]
+        model, tok, feats, [], targs, packing=packing, pack_tokens=pack_tokens
     )
     trainer.remove_callback(PrinterCallback)
+    timer = StepTimer(trainer)
     trainer.train()
     info = {
         "real_tokens": sum(len(f["input_ids"]) for f in feats),
         "seqs": computed_lengths(trainer, feats, packing),
         "logits": sum(sum(x != -100 for x in f["labels"][1:]) for f in feats),
     }
-    return timer.steps[0], info
+    return timer.result(), info
 
 
 def computed_lengths(trainer, feats, packing: bool) -> list[int]:
@@ -291,11 +344,18 @@ def make_rows(n: int, seed: int):
     return tok, synthetic_rows(n, tok, words, seed), f"synthetic, alpaca-1k-shaped ({tok_name})"
 
 
-def print_lengths(tok, rows) -> None:
+def ours_features(tok, rows) -> list[dict]:
+    """Token ids and labels as finetune makes them: Alpaca format, EOS, --max-length 512."""
+    from remote.jobs import finetune
     from remote.jobs.dataset import format_instruction
     from remote.jobs.sft_batches import tokenize_examples
 
-    feats, _ = tokenize_examples(tok, [format_instruction(r, tok.eos_token) for r in rows], 512)
+    pairs = [format_instruction(r, tok.eos_token) for r in rows]
+    return tokenize_examples(tok, pairs, finetune.MAX_LENGTH)[0]
+
+
+def print_lengths(tok, rows) -> None:
+    feats = ours_features(tok, rows)
     ours = [len(f["input_ids"]) for f in feats]
     prompt = sum(sum(x == -100 for x in f["labels"]) for f in feats)
     length_stats("ours (Alpaca format)", ours, f"prompt share {prompt / sum(ours):.0%}")
@@ -305,8 +365,8 @@ def print_lengths(tok, rows) -> None:
     length_stats("course (Input/Output)", course, f"padded to {COURSE_MAX_LENGTH}: {pad:.0%} pad")
 
 
-def ratios(times: dict[str, list[tuple[float, float]]], name: str, which: int) -> list[float]:
-    """Course / ``name`` per round, by wall clock (``which`` 0) or CPU time (1)."""
+def ratios(times: dict[str, list[dict]], name: str, which: str) -> list[float]:
+    """Course / ``name`` per round, by ``which``: "wall" clock or "cpu" time."""
     return [c[which] / o[which] for c, o in zip(times["course"], times[name], strict=True)]
 
 
@@ -316,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a single round")
     p.add_argument("--padded", action="store_true", help="also time padded micro-batches")
     p.add_argument("--bf16", action="store_true", help="also time ours in mixed bf16")
+    p.add_argument(
+        "--unjoined", action="store_true", help="also time ours with one packed row a micro-batch"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
@@ -330,10 +393,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core this process may use
     hf_logging.set_verbosity_error()
+    machine = measure()
+    print(machine.line())
     per_step = BATCH * ACCUM
-    tok, rows, source = make_rows(per_step * rounds, args.seed)
-    print(f"examples: {len(rows)} ({source}); torch threads {torch.get_num_threads()}")
+    tok, pool, source = make_rows(max(DATASET_ROWS, per_step * rounds), args.seed)
+    rows = pool[: per_step * rounds]
+    print(f"examples: {len(rows)} ({source})")
     print_lengths(tok, rows)
+    # finetune joins packed micro-batches up to --batch-size examples as long as the dataset's
+    # longest (its memory plan); the dataset here is the 1,000 rows these examples start.
+    cap = BATCH * max(len(f["input_ids"]) for f in ours_features(tok, pool))
     cfg = GPT2Config()  # GPT-2 124M: 12 layers, 768 wide, 50,257 tokens, 1,024 positions
     torch.manual_seed(args.seed)
     init = GPT2LMHeadModel(cfg).state_dict()
@@ -343,16 +412,17 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(init)
         return model
 
-    peak = matmul_peak_gflops()
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
-    peaks = {n: peak for n, _, _ in [("course", [], None), *VARIANTS]}
+    peaks = {n: machine.fp32_peak_gflops for n, _, _ in [("course", [], None), *VARIANTS]}
     if args.bf16:
         peaks["ours bf16"] = matmul_peak_gflops(dtype="bfloat16")
         print(f"bf16 matmul peak: {peaks['ours bf16']:.1f} GFLOP/s (for ours bf16)")
     flags = {n: ours_args(f) for n, f, opt in VARIANTS if opt is None or getattr(args, opt)}
     names = ["course", *flags]
     models = {"course": fresh(), **{n: prepare_model(fresh(), a) for n, a in flags.items()}}
-    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    trained = {
+        n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in models.items()
+    }
+    times: dict[str, list[dict]] = {n: [] for n in names}
     infos: dict[str, list[dict]] = {n: [] for n in names}
     # Interleaved: every variant takes one step on the same 16 examples, round after round,
     # so a neighbour's load on this shared machine falls on all of them alike.
@@ -363,49 +433,94 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "course":
                     t, info = course_step(models[name], tok, batch, Path(tmp))
                 else:
-                    t, info = ours_step(models[name], tok, batch, Path(tmp), flags[name])
+                    joined = 0 if name == "ours unjoined" else cap
+                    t, info = ours_step(models[name], tok, batch, Path(tmp), flags[name], joined)
                 times[name].append(t)
-                infos[name].append(info)
+                infos[name].append({**info, "trained": trained[name]})
             print(
                 f"round {r + 1} (wall/cpu s): "
-                + ", ".join(f"{n} {times[n][-1][0]:.1f}/{times[n][-1][1]:.1f}" for n in names)
+                + ", ".join(
+                    f"{n} {times[n][-1]['wall']:.1f}/{times[n][-1]['cpu']:.1f}" for n in names
+                )
             )
     lora = {n for n, a in flags.items() if a.lora_rank}
-    report(cfg, peaks, names, times, infos, torch.get_num_threads(), lora)
+    report(cfg, machine, peaks, names, times, infos, lora)
     return 0
 
 
-def report(cfg, peaks: dict, names: list[str], times, infos, threads: int, lora: set) -> None:
-    """Per variant its median round; then the CPU-time and (last) the wall-clock ratios."""
+def median_round(times: list[dict]) -> int:
+    walls = [t["wall"] for t in times]
+    return sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
+
+
+def report(cfg, machine, peaks: dict, names: list[str], times, infos, lora: set) -> None:
+    """Per variant its median round, then where its time goes, then the CPU-time, total-time
+    and (last) the wall-clock ratios."""
     print("median over rounds, seconds per 16 examples (wall; CPU-seconds of all threads):")
     for n in names:
-        walls = [w for w, _ in times[n]]
-        r = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]  # the median round
-        (wall, cpu), info = times[n][r], infos[n][r]
-        flops = train_flops(cfg, info["seqs"], info["logits"], lora=n in lora)
+        r = median_round(times[n])
+        t, info = times[n][r], infos[n][r]
+        wall, cpu = t["wall"], t["cpu"]
+        flops = sum(train_flops(cfg, info["seqs"], info["logits"], lora=n in lora).values())
         print(
-            f"  {n:<13} wall {wall:6.2f} s  {statistics.median(ratios(times, n, 0)):4.1f}x  "
+            f"  {n:<13} wall {wall:6.2f} s  {statistics.median(ratios(times, n, 'wall')):4.1f}x  "
             f"{info['real_tokens'] / wall:6.0f} real tokens/s  {flops / wall / 1e9:6.1f} GFLOP/s "
-            f"({flops / wall / 1e9 / peaks[n]:.0%} of peak)  cpu {cpu:6.1f} s ({cpu / threads:.2f} "
-            f"s a thread)"
+            f"({flops / wall / 1e9 / peaks[n]:.0%} of peak)  cpu {cpu:6.1f} s "
+            f"({cpu / machine.threads:.2f} s a thread)"
         )
-    full, lora = (statistics.median(ratios(times, n, 1)) for n in ("ours", "ours+lora"))
+    profile(cfg, peaks, names, times, infos, lora)
+    full, lora_r = (statistics.median(ratios(times, n, "cpu")) for n in ("ours", "ours+lora"))
     print(
-        f"cpu-time speedup: {full:.1f}x (lora {lora:.1f}x): the stricter figure; the course's "
+        f"cpu-time speedup: {full:.1f}x (lora {lora_r:.1f}x): the stricter figure; the course's "
         "step keeps only part of the cores busy (memory-bound logits over 4x256x50,257)"
     )
-    full, lora = (total_ratio(times, n) for n in ("ours", "ours+lora"))
+    full, lora_r = (total_ratio(times, n) for n in ("ours", "ours+lora"))
     print(
-        f"total-time speedup: {full:.1f}x (lora {lora:.1f}x): all rounds' seconds summed, so the "
+        f"total-time speedup: {full:.1f}x (lora {lora_r:.1f}x): all rounds' seconds summed, so the "
         "rounds of long examples weigh most"
     )
-    full, lora = (statistics.median(ratios(times, n, 0)) for n in ("ours", "ours+lora"))
-    print(f"train speedup: {full:.1f}x (lora {lora:.1f}x)")
+    full, lora_r = (statistics.median(ratios(times, n, "wall")) for n in ("ours", "ours+lora"))
+    print(f"train speedup: {full:.1f}x (lora {lora_r:.1f}x)")
 
 
-def total_ratio(times: dict[str, list[tuple[float, float]]], name: str) -> float:
+def profile(cfg, peaks: dict, names: list[str], times, infos, lora: set) -> None:
+    """Where each variant's median round spends its time, and at what rate against the
+    measured matmul peak."""
+    print(
+        "profile of the median round: share of the step's wall time, achieved GFLOP/s "
+        "(share of the fp32 matmul peak)"
+    )
+    print(f"  {'phase':<10}" + "".join(f"{n:>27}" for n in names))
+    rows = {n: times[n][median_round(times[n])] for n in names}
+    info = {n: infos[n][median_round(times[n])] for n in names}
+    for phase in PHASES:
+        cells = []
+        for n in names:
+            seconds = rows[n]["phases"][phase]
+            share = seconds / rows[n]["wall"]
+            if phase in ("forward", "backward"):
+                flops = train_flops(cfg, info[n]["seqs"], info[n]["logits"], lora=n in lora)[phase]
+            elif phase == "optimizer":
+                flops = ADAMW_FLOPS * info[n]["trained"]
+            else:
+                flops = 0
+            rate = flops / max(seconds, 1e-9) / 1e9
+            cells.append(
+                f"{seconds:5.2f} s {share:4.0%} {rate:6.1f} ({rate / peaks[n]:4.0%})"
+                if flops
+                else f"{seconds:5.2f} s {share:4.0%}{'-':>14}"
+            )
+        print(f"  {phase:<10}" + "".join(f"{c:>27}" for c in cells))
+    print(
+        "  (forward/backward: the matmul FLOPs of the blocks, attention and lm_head; optimizer: "
+        f"~{ADAMW_FLOPS} FLOPs a trained parameter for clipping and AdamW, memory-bound; each "
+        "round's Trainer starts a fresh optimizer, so its row is a first step's)"
+    )
+
+
+def total_ratio(times: dict[str, list[dict]], name: str) -> float:
     """Course / ``name`` over all rounds' wall time: the mean seconds per 16 examples."""
-    return sum(w for w, _ in times["course"]) / sum(w for w, _ in times[name])
+    return sum(t["wall"] for t in times["course"]) / sum(t["wall"] for t in times[name])
 
 
 if __name__ == "__main__":

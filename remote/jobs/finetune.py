@@ -45,6 +45,7 @@ from remote.jobs.packed_attention import use_packed_attention
 from remote.jobs.sft_batches import (
     FlattenBatch,
     PadToLongest,
+    merge_packed,
     rebalance,
     response_loss,
     tokenize_examples,
@@ -112,6 +113,10 @@ class SftData:
     @property
     def train_tokens(self) -> int:
         return sum(len(f["input_ids"]) for f in self.train)
+
+    @property
+    def longest(self) -> int:
+        return max(len(f["input_ids"]) for f in self.train)
 
 
 def read_rows(c: Config) -> tuple[Rows, Rows]:
@@ -229,12 +234,15 @@ def make_trainer(
     optimizer: str = OPTIMIZER,
     packing: bool = False,
     pad_to: int = 0,
+    pack_tokens: int = 0,
     callbacks: list | None = None,
 ) -> Any:
     """A Trainer whose loss is ``sft_batches.response_loss``: lm_head only where labels are; each
     step's micro-batches re-cut for the least padding (``sft_batches.rebalance``) unless every
-    example is padded to ``pad_to`` tokens; counting the real (non-padding) tokens it trains on
-    and the shapes it computed."""
+    example is padded to ``pad_to`` tokens, or, packed, joined into rows of up to
+    ``pack_tokens`` (``sft_batches.merge_packed``; 0: one row per micro-batch); counting the
+    real (non-padding) tokens it trains on and the shapes it computed."""
+    import torch
     from transformers import Trainer
 
     class _ResponseTrainer(Trainer):
@@ -246,7 +254,14 @@ def make_trainer(
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if packing and pack_tokens:
+                return merge_packed(batches, pack_tokens), items
             return (batches if pad_to else rebalance(batches, tok.pad_token_id)), items
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if not inputs:  # merge_packed moved its examples into a later micro-batch
+                return torch.zeros((), device=self.args.device)
+            return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
@@ -314,6 +329,7 @@ def train_sft(c: Config, guard: Guard, stop: StopSignal) -> int:
         optimizer=c.optimizer,
         packing=c.batching == "packed",
         pad_to=data.max_len if c.batching == "max-length" else 0,
+        pack_tokens=c.batch_size * data.longest,  # what plan_memory planned a micro-batch for
         callbacks=[metrics, stopper],
     )
     metrics.trainer = trainer

@@ -45,20 +45,13 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    cuts = bounds.tolist()
+    sizes = [b - a for a, b in pairwise(bounds.tolist()) if b > a]
     gqa = query.shape[1] != key.shape[1]
     parts = [
         F.scaled_dot_product_attention(
-            query[:, :, a:b],
-            key[:, :, a:b],
-            value[:, :, a:b],
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=True,
-            enable_gqa=gqa,
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
         )
-        for a, b in pairwise(cuts)
-        if b > a
+        for q, k, v in zip(*(x.split(sizes, dim=2) for x in (query, key, value)), strict=True)
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 

@@ -219,6 +219,42 @@ def test_max_length_batching_computes_every_example_at_max_length(tiny_model_dir
     assert len(trainer.shapes) == 4 and all(shape == (4, 48) for shape in trainer.shapes)
 
 
+def test_joined_packed_rows_train_the_same_weights(tiny_model_dir, tmp_path):
+    # finetune joins a step's packed micro-batches into fewer, longer rows (pack_tokens): the
+    # skipped micro-batches compute nothing, the step's gradient and update are the same.
+    import dataclasses
+
+    from remote.jobs.models import load_tokenizer
+    from remote.jobs.sft_batches import tokenize_examples
+
+    c = finetune.parse_args(["--model", str(tiny_model_dir), "--max-steps", "1",
+                             "--device", "cpu", "--lr", "1e-3"])  # fmt: skip
+    tok = load_tokenizer(str(tiny_model_dir))
+    pairs = [
+        (f"Q{i}: what is {i}?", f" It is {i}." * (1 + i % 4) + tok.eos_token) for i in range(16)
+    ]
+    feats, _ = tokenize_examples(tok, pairs, c.max_length)
+    targs = finetune.training_arguments(c, tmp_path, finetune.schedule(c, 16, 1), "cpu")
+    targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no", seed=0, data_seed=0)
+
+    def train(pack_tokens: int):
+        model = finetune.load_model(c, tok)
+        trainer = finetune.make_trainer(model, tok, feats, [], targs, packing=True,
+                                        pack_tokens=pack_tokens)  # fmt: skip
+        trainer.train()
+        return trainer, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    rows, apart = train(0)
+    joined, together = train(10**6)
+    assert len(rows.shapes) == 4 and len(joined.shapes) == 1
+    assert joined.shapes[0][1] == sum(n for _, n in rows.shapes)
+    assert joined.tokens_seen == rows.tokens_seen
+    assert torch.allclose(apart, together, atol=1e-6)
+    assert joined.state.log_history[-1]["train_loss"] == pytest.approx(
+        rows.state.log_history[-1]["train_loss"], rel=1e-5
+    )
+
+
 def test_padded_batching_and_bf16_train_too(tiny_model_dir, tmp_path):
     # The alternatives to the defaults: padded micro-batches (re-cut for the least padding) and
     # mixed bf16 on a CPU. Loss still falls; run.json says which ran.

@@ -2,6 +2,8 @@
 packing change nothing about each example's loss; lm_head on loss positions only gives exactly
 the loss of full logits."""
 
+import copy
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from remote.jobs.sft_batches import (
     IGNORE,
     FlattenBatch,
     PadToLongest,
+    merge_packed,
     rebalance,
     response_loss,
     tokenize_examples,
@@ -223,3 +226,41 @@ def test_rebalance_leaves_packed_and_single_batches_alone():
     assert rebalance(packed, 0) is packed
     single = [PadToLongest(0)(feats)]
     assert rebalance(single, 0) is single
+
+
+def test_merge_packed_joins_a_steps_rows_up_to_the_cap_and_keeps_its_count():
+    feats = [_feature(n, n) for n in (5, 9, 30, 7, 4, 6)]
+    rows = [FlattenBatch()(feats[i : i + 2]) for i in range(0, 6, 2)]  # 14, 37, 10 tokens
+    merged = merge_packed(rows, max_tokens=51)  # 14 + 37 fit; 10 more do not
+    assert merged[0] == {} and len(merged) == 3  # the Trainer still counts three micro-batches
+    whole = FlattenBatch()(feats[:4])
+    for key in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
+        assert torch.equal(merged[1][key], whole[key]), key
+    assert merged[1]["max_length_q"] == whole["max_length_q"] == 30
+    assert merged[2] is rows[2]
+    assert [b["input_ids"].shape[1] for b in merge_packed(rows, 10**6)[2:]] == [61]
+    assert merge_packed(rows, max_tokens=20) is rows  # no two fit: as they came
+    padded = [PadToLongest(0)(feats[:2]), PadToLongest(0)(feats[2:4])]
+    assert merge_packed(padded, 10**6) is padded
+
+
+def test_merged_rows_give_the_same_gradient(tiny):
+    from remote.jobs.packed_attention import use_packed_attention
+
+    tok, model = tiny
+    _, feats = features(tok)
+    feats = feats + [_feature(9, 1), _feature(60, 2), _feature(12, 3)]
+    before = [FlattenBatch()(feats[i : i + 2]) for i in range(0, 6, 2)]
+    after = [b for b in merge_packed(before, 10**6) if b]
+    assert len(after) == 1
+    items = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in before)
+    model = copy.deepcopy(model)
+    assert use_packed_attention(model)
+
+    def grads(batches):
+        model.zero_grad()
+        for b in batches:
+            response_loss(model, b, items).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    assert torch.allclose(grads(before), grads(after), atol=1e-6)
