@@ -155,12 +155,17 @@ class _Sequence:
         self.queued = time.perf_counter()
         self.started = 0.0
         self.failed = False  # its slot's cache may hold garbage (NaN): cleared when it leaves
+        self.outbox = engine._outbox
 
     def post(self, token: TokenOut | None, end: Finished | BaseException | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, end))
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            self.cancelled = True
+        """Queue an event for the event loop; the engine delivers a step's events together."""
+        self.outbox.append((self, (token, end)))
+
+
+def _deliver(events: list[tuple[_Sequence, tuple[Any, Any]]]) -> None:
+    """On the event loop: hand each sequence its events (one wake-up for a whole step)."""
+    for seq, event in events:
+        seq.queue.put_nowait(event)
 
 
 class Engine:
@@ -183,6 +188,7 @@ class Engine:
         self._active: list[_Sequence] = []
         self._in_flight = 0
         self._stopping = False
+        self._outbox: list[tuple[_Sequence, tuple[Any, Any]]] = []  # events not yet delivered
         self._special = frozenset(loaded.tokenizer.all_special_ids)
         self._thread = threading.Thread(target=self._run, name="serving-scheduler", daemon=True)
         self.steps = 0  # decode steps run (a test and /metrics read it)
@@ -247,10 +253,30 @@ class Engine:
             except Exception as e:  # a bug between sequences: end this batch, keep serving
                 log.exception("scheduler step failed; failing its %d sequences", len(admit))
                 self._fail_all(admit, e)
+            finally:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Deliver the events posted since the last flush: one ``call_soon_threadsafe`` per
+        event loop, not one per token (each is a wake-up of the loop and a pipe write; eight
+        per step cost the loop, and the GIL the scheduler shares with it, measurably)."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, tuple[Any, Any]]]] = {}
+        for item in self._outbox:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        self._outbox.clear()
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                for seq, _ in events:
+                    seq.cancelled = True
 
     def _round(self, admit: list[_Sequence]) -> None:
         for seq in admit:
             self._isolated(seq, self._prefill, seq)
+        self._flush()  # first tokens now, not after the next decode step
         self._drop_finished()
         if not self._active:
             return

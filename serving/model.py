@@ -231,15 +231,21 @@ class GPT2Runner:
 
         with torch.inference_mode():
             b = tokens.shape[0]
-            span = int(positions.max()) + 1
-            rows = self.arange[:b]
-            mask = (self.arange[:span].unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
+            low, high = (int(p) for p in positions.aminmax())
+            span = high + 1
+            if low == high:  # every sequence at the same position (one stream): no padding
+                mask, where = None, (slice(0, b), slice(None), high)
+            else:  # an additive mask, built once per step rather than once per layer
+                keep = self.arange[:span].unsqueeze(0) <= positions.unsqueeze(1)
+                mask = torch.zeros(keep.shape, device=self.device)
+                mask = mask.masked_fill_(~keep, float("-inf"))[:, None, None, :]
+                where = (self.arange[:b], slice(None), positions)
             x = self.wte(tokens) + self.wpe(positions)  # (B, E)
             for layer, blk in enumerate(self.blocks):
                 q, k, v = self._qkv(blk, x, b)  # (B, H, D)
                 ck, cv = self.k[layer], self.v[layer]
-                ck[rows, :, positions] = k
-                cv[rows, :, positions] = v
+                ck[where] = k
+                cv[where] = v
                 a = F.scaled_dot_product_attention(
                     q.unsqueeze(2),
                     ck[:b, :, :span],
