@@ -52,6 +52,15 @@ def test_runner_matches_transformers_prefill_decode_and_slot_moves(tiny_model_di
     runner.move(1, 0, len(b) + 1)  # b leaves slot 1 for slot 0, as when a finishes
     out = runner.decode(torch.tensor([33]), torch.tensor([len(b) + 1]))
     torch.testing.assert_close(out[0], reference([*b, 22, 33])[-1])
+    c = tok("A modem")["input_ids"][: len(b)]
+    assert len(c) == len(b)
+    runner.prefill(1, c)
+    out = runner.decode(torch.tensor([44, 55]), torch.tensor([len(b) + 2, len(c)]))
+    torch.testing.assert_close(out[0], reference([*b, 22, 33, 44])[-1])
+    runner.prefill(0, b)  # two sequences at one position: the unmasked path, as one stream
+    out = runner.decode(torch.tensor([66, 77]), torch.tensor([len(b), len(c)]))
+    torch.testing.assert_close(out[0], reference([*b, 66])[-1])
+    torch.testing.assert_close(out[1], reference([*c, 77])[-1])
 
 
 def test_int8_logits_stay_close_to_fp32(tiny_model_dir):
