@@ -94,6 +94,19 @@ class _Detokenizer:
         return ""
 
 
+def _plain_top_k(seq: _Sequence, vocab: int) -> bool:
+    """Sampling whose first step is top-k over the raw logits (nothing needs the whole row)."""
+    p = seq.spec.sampling
+    return (
+        p.sampling
+        and 0 < p.top_k < vocab
+        and not p.watermark
+        and not p.penalized
+        and seq.constraint is None
+        and not seq.spec.top_n_tokens
+    )
+
+
 class Stream:
     """The event loop's handle on one request: iterate ``events()``; ``cancel()`` frees it."""
 
@@ -286,11 +299,36 @@ class Engine:
             log.exception("decode step failed; failing the %d active requests", len(self._active))
             self._fail_all([], e)
             return
+        shortlists = self._shortlists(logits)
         for i, seq in enumerate(self._active):
             seq.pos += 1
             if not seq.cancelled:
-                self._isolated(seq, self._accept, seq, logits[i])
+                self._isolated(seq, self._accept, seq, logits[i], shortlists.get(i))
         self._drop_finished()
+
+    def _shortlists(self, logits: Any) -> dict[int, tuple[Any, Any]]:
+        """Each plain top-k sampler's top-k, from one ``topk`` over the batch rather than one
+        per row over 50k logits (bench/serve_profile.py's sampling row). Rows with a
+        warper that must see every logit first (penalties, watermark, grammar, top_n) keep
+        their own path."""
+        import torch
+
+        vocab = logits.shape[-1]
+        rows = [
+            i
+            for i, seq in enumerate(self._active)
+            if not seq.cancelled and _plain_top_k(seq, vocab)
+        ]
+        if len(rows) < 2:
+            return {}
+        ks = [self._active[i].spec.sampling.top_k for i in rows]
+        try:
+            values, ids = torch.topk(logits[rows], max(ks))  # sorted, descending, per row
+        except Exception:  # each row then takes its own path, and fails alone if it must
+            log.exception("batched top-k failed; sampling row by row")
+            return {}
+        pairs = enumerate(zip(rows, ks, strict=True))
+        return {i: (values[j, :k], ids[j, :k]) for j, (i, k) in pairs}
 
     def _isolated(self, seq: _Sequence, fn: Callable[..., None], *args: Any) -> None:
         """Run one sequence's part of a step; if it fails, only that sequence ends."""
@@ -350,7 +388,9 @@ class Engine:
         self.steps += 1
         return logits
 
-    def _accept(self, seq: _Sequence, logits: Any) -> None:
+    def _accept(
+        self, seq: _Sequence, logits: Any, shortlist: tuple[Any, Any] | None = None
+    ) -> None:
         if self.sample_hook:
             self.sample_hook(seq)
         spec = seq.spec
@@ -365,6 +405,7 @@ class Engine:
             seq.generated,
             allowed=allowed,
             top_n=spec.top_n_tokens,
+            shortlist=shortlist,
         )
         token = choice.token
         if not math.isfinite(choice.logprob):  # NaN or inf anywhere in the row ends up here

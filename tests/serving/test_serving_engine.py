@@ -178,3 +178,44 @@ def test_client_disconnect_mid_stream_frees_the_slot(one_slot_server):
         assert r.status_code == 200
     finally:
         engine.step_hook = None
+
+
+def test_batched_top_k_samples_as_each_sequence_alone(tiny_model_dir):
+    """Top-k samplers in one batch share one ``topk`` (Engine._shortlists); each still draws
+    the tokens, with the log-probabilities, that it draws alone with its seed."""
+    from serving.engine import Engine
+    from serving.sampling import SamplingParams
+    from serving.validation import GenerationSpec
+
+    lm = load_model(str(tiny_model_dir), slots=4)
+    prompts = ["Once upon a time", "The quick brown fox", "A model", "Fine-tuning teaches"]
+    specs = [
+        GenerationSpec(
+            input_ids=lm.tokenizer(p)["input_ids"],
+            max_new_tokens=12,
+            stop=(),
+            sampling=SamplingParams(do_sample=True, top_k=k, temperature=t),
+            seed=100 + i,
+        )
+        for i, (p, k, t) in enumerate(
+            zip(prompts, (5, 50, 20, 3), (1.0, 0.7, 1.3, 1.0), strict=True)
+        )
+    ]
+    engine = Engine(lm, max_batch_size=4).start()
+    shared: list[int] = []
+    shortlists = engine._shortlists
+    engine._shortlists = lambda logits: shared.append(len(r := shortlists(logits))) or r
+
+    async def run(batch):
+        return await asyncio.gather(*(s.result() for s in engine.submit(batch)))
+
+    try:
+        together = asyncio.run(run(specs))
+        alone = [asyncio.run(run([spec]))[0] for spec in specs]
+    finally:
+        engine.close()
+    assert max(shared) == 4  # all four shared one top-k
+    for a, b in zip(together, alone, strict=True):
+        assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+        for x, y in zip(a.tokens, b.tokens, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
