@@ -196,25 +196,11 @@ class GPT2Runner:
         self.v = torch.zeros(shape, device=device)
         self.arange = torch.arange(max_len, device=device)
         self.device = device
-        # torch threads for a prompt (compute-bound, unlike a decode step); None: unchanged
-        self.prefill_threads: int | None = None
 
     # -- the three operations the engine uses ---------------------------------------------------
 
     def prefill(self, slot: int, ids: list[int], *, all_logits: bool = False) -> Any:
         """Run a prompt in ``slot``; logits of the last position (or of every position)."""
-        import torch
-
-        threads = torch.get_num_threads()
-        if self.prefill_threads and self.prefill_threads != threads:
-            torch.set_num_threads(self.prefill_threads)
-        try:
-            return self._prefill(slot, ids, all_logits)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-
-    def _prefill(self, slot: int, ids: list[int], all_logits: bool) -> Any:
         import torch
         import torch.nn.functional as F
 

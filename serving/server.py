@@ -372,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: could not load the model from {settings.model}: {e}", file=sys.stderr)
         return 1
-    if os.environ.get("TC_PREFILL_THREADS"):
-        loaded.runner.prefill_threads = int(os.environ["TC_PREFILL_THREADS"])
     app = create_app(settings, loaded)
     uvicorn.run(
         app,
