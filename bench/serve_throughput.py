@@ -5,12 +5,19 @@
     uv run python bench/serve_throughput.py --model runs/my-finetune/model   # a trained model
 
 Same model, same run, same machine: a 32-token prompt, 100 new tokens, sampling (top-k 50).
-Baseline: ``model.generate`` for one prompt, and for a batch of 8. Server: ``python -m
+Baseline: ``model.generate`` for one prompt, and for a batch of 8 (the better of torch's
+default thread count and one thread). Server: ``python -m
 serving.server`` in a subprocess, streamed over HTTP by 1 client, then by 8 at once; fp32 and
 ``--quantize int8`` separately, with the first token's latency. int8's quality cost is the
 per-token KL divergence and top-1 agreement of int8 against fp32 on held-out text (and the
 perplexity ratio, which only means something for a trained ``--model``). The last line is
 ``serve speedup: 1-stream X.Yx, 8-client Z.Zx`` (int8 server over the baseline).
+
+The machine's facts come first (``bench/machine.py``: CPU, memory read bandwidth, matmul peak),
+and each served figure is set against its memory-bandwidth bound on that machine: a decode step
+reads every weight once (≈124 MB in int8, shared by the whole batch) and each sequence's KV
+cache. Last, a profile table (``bench/serve_profile.py``): the share of a decode step's time
+per phase, from the engine run in-process with a clock on each phase, and the HTTP/SSE share.
 """
 
 from __future__ import annotations
@@ -77,7 +84,8 @@ def prompts(tokenizer, n: int) -> list[str]:
 
 
 def baseline(model_dir: Path, new_tokens: int) -> tuple[float, float]:
-    """(tokens/s for one prompt, total tokens/s for a batch of 8) with ``model.generate``."""
+    """(tokens/s for one prompt, total tokens/s for a batch of 8) with ``model.generate``, the
+    better of torch's default thread count and one thread for each."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,8 +110,17 @@ def baseline(model_dir: Path, new_tokens: int) -> tuple[float, float]:
         elapsed = time.perf_counter() - t
         return (out.shape[1] - enc["input_ids"].shape[1]) * len(batch) / elapsed
 
-    run(texts[:1])  # warm-up
-    return run(texts[:1]), run(texts)
+    # transformers' default is a torch thread per core; on a small machine with anything else
+    # running, one thread is often faster (OpenMP's barriers wait for descheduled workers).
+    # The baseline is the better of the two for each figure: the ratios never flatter us.
+    best = [0.0, 0.0]
+    default = torch.get_num_threads()
+    for threads in sorted({default, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        run(texts[:1])  # warm-up
+        best = [max(best[0], run(texts[:1])), max(best[1], run(texts))]
+    torch.set_num_threads(default)
+    return best[0], best[1]
 
 
 # --- the native server over HTTP -------------------------------------------------------------
@@ -204,10 +221,29 @@ def int8_quality(model_dir: Path) -> tuple[float, float, float]:
     return kl, agree, math.exp(nll[1] - nll[0])
 
 
+def step_bytes(model_dir: Path, quantize: bool, streams: int, new_tokens: int) -> float:
+    """Bytes one decode step must read: every matmul weight once (int8: 1 byte, fp32: 4; the
+    LM head included), the small fp32 vectors, and each stream's KV cache at its mean length."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    e, layers = cfg.n_embd, cfg.n_layer
+    matmul = layers * (e * 3 * e + e * e + 2 * e * 4 * e) + cfg.vocab_size * e
+    vectors = layers * (3 * e + e + 4 * e + e + 4 * e) + 2 * e  # biases, layer norms
+    span = PROMPT_TOKENS + new_tokens / 2
+    kv = streams * 2 * layers * e * span * 4
+    return matmul * (1 if quantize else 4) + vectors * 4 + kv
+
+
+def bound_note(tok_s: float, bound: float) -> str:
+    return f"{tok_s / bound:4.0%} of the {bound:5.0f} tok/s bandwidth bound"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="a trained model dir (default: random GPT-2 124M)")
     p.add_argument("--quick", action="store_true", help="20 new tokens instead of 100")
+    p.add_argument("--int8-only", action="store_true", help="skip the fp32 server (iterating)")
     args = p.parse_args()
     new_tokens = 20 if args.quick else NEW_TOKENS
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,6 +251,10 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         texts = prompts(AutoTokenizer.from_pretrained(model_dir), CLIENTS)
+        from bench.machine import measure
+
+        machine = measure()
+        print(machine.line())
         print(
             f"model {model_dir.name}; prompt {PROMPT_TOKENS} tokens, {new_tokens} new, "
             f"sampling top-k {TOP_K}; {os.cpu_count()} cores"
@@ -225,7 +265,7 @@ def main() -> None:
             f"batch of {CLIENTS} {base8:6.1f} tok/s"
         )
         rows = {}
-        for label, quantize in (("fp32", False), ("int8", True)):
+        for label, quantize in (("fp32", False), ("int8", True))[args.int8_only :]:
             port = free_port()
             proc = start_server(model_dir, port, quantize)
             try:
@@ -234,10 +274,16 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(30)
             one, first, many = rows[label]
+            bounds = [
+                n * machine.bandwidth_gbs * 1e9 / step_bytes(model_dir, quantize, n, new_tokens)
+                for n in (1, CLIENTS)
+            ]
             print(
                 f"native server {label}: 1 stream {one:6.1f} tok/s ({one / base1:.1f}x), "
                 f"first token {first * 1000:5.0f} ms | {CLIENTS} clients {many:6.1f} tok/s "
-                f"({many / base8:.1f}x)"
+                f"({many / base8:.1f}x)\n"
+                f"  {label} against memory bandwidth: 1 stream {bound_note(one, bounds[0])}"
+                f" | {CLIENTS} clients {bound_note(many, bounds[1])}"
             )
         kl, agree, ppl = int8_quality(model_dir)
         trained = "" if args.model else " (random weights: only the KL/agreement say anything)"
@@ -246,6 +292,13 @@ def main() -> None:
             f"perplexity ratio {ppl:.3f}{trained}"
         )
         one, _, many = rows["int8"]
+        from bench.serve_profile import profile_engine, table
+
+        profiles = [
+            profile_engine(str(model_dir), texts[:n], new_tokens, TOP_K) for n in (1, CLIENTS)
+        ]
+        print("profile of the int8 server, per decode step (in-process engine + HTTP runs above):")
+        print(table(profiles, [one, many]))
         print(f"serve speedup: 1-stream {one / base1:.1f}x, {CLIENTS}-client {many / base8:.1f}x")
 
 

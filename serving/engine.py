@@ -101,6 +101,19 @@ class _Detokenizer:
         return ""
 
 
+def _plain_top_k(seq: _Sequence, vocab: int) -> bool:
+    """Sampling whose first step is top-k over the raw logits (nothing needs the whole row)."""
+    p = seq.spec.sampling
+    return (
+        p.sampling
+        and 0 < p.top_k < vocab
+        and not p.watermark
+        and not p.penalized
+        and seq.constraint is None
+        and not seq.spec.top_n_tokens
+    )
+
+
 class Stream:
     """The event loop's handle on one request: iterate ``events()``; ``cancel()`` frees it."""
 
@@ -140,6 +153,7 @@ class _Sequence:
         loop: asyncio.AbstractEventLoop,
         constraint: Any,
         special: frozenset[int],
+        outbox: list[tuple[_Sequence, tuple[Any, Any]]],
     ):
         import torch
 
@@ -165,12 +179,17 @@ class _Sequence:
         self.queued = time.perf_counter()
         self.started = 0.0
         self.failed = False  # its slot's cache may hold garbage (NaN): cleared when it leaves
+        self.outbox = outbox  # the engine's: delivered to the event loop once a step
 
     def post(self, token: TokenOut | None, end: Finished | BaseException | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, end))
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            self.cancelled = True
+        """Queue an event for the event loop; the engine delivers a step's events together."""
+        self.outbox.append((self, (token, end)))
+
+
+def _deliver(events: list[tuple[_Sequence, tuple[Any, Any]]]) -> None:
+    """On the event loop: hand each sequence its events (one wake-up for a whole step)."""
+    for seq, event in events:
+        seq.queue.put_nowait(event)
 
 
 class _Group:
@@ -209,6 +228,7 @@ class Engine:
         self._in_flight = 0
         self._stopping = False
         self._special = {id(m): frozenset(m.tokenizer.all_special_ids) for m in models}
+        self._outbox: list[tuple[_Sequence, tuple[Any, Any]]] = []  # events not yet delivered
         self._thread = threading.Thread(target=self._run, name="serving-scheduler", daemon=True)
         self.steps = 0  # decode steps run (a test and /metrics read it)
         self.step_hook: Callable[[], None] | None = None  # called before each model step
@@ -240,7 +260,8 @@ class Engine:
         special = self._special.get(id(model)) or frozenset(model.tokenizer.all_special_ids)
         constraints = constraints or [None] * len(specs)
         seqs = [
-            _Sequence(s, model, loop, c, special) for s, c in zip(specs, constraints, strict=True)
+            _Sequence(s, model, loop, c, special, self._outbox)
+            for s, c in zip(specs, constraints, strict=True)
         ]
         with self._cond:
             if self._stopping or not self._thread.is_alive():
@@ -285,10 +306,30 @@ class Engine:
             except Exception as e:  # a bug between sequences: end this batch, keep serving
                 log.exception("scheduler step failed; failing its %d sequences", len(admit))
                 self._fail_all(admit, e)
+            finally:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Deliver the events posted since the last flush: one ``call_soon_threadsafe`` per
+        event loop, not one per token (each is a wake-up of the loop and a pipe write; eight
+        per step cost the loop, and the GIL the scheduler shares with it, measurably)."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, tuple[Any, Any]]]] = {}
+        for item in self._outbox:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        self._outbox.clear()
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                for seq, _ in events:
+                    seq.cancelled = True
 
     def _round(self, admit: list[_Sequence]) -> None:
         for seq in admit:
             self._isolated(seq, self._prefill, seq)
+        self._flush()  # first tokens now, not after the next decode step
         self._drop_finished()
         for group in self._groups.values():
             if not group.active:
@@ -299,11 +340,32 @@ class Engine:
                 log.exception("decode step failed; failing its %d requests", len(group.active))
                 self._fail(group.active, e)
                 continue
+            shortlists = self._shortlists(group.active, logits)
             for i, seq in enumerate(group.active):
                 seq.pos += 1
                 if not seq.cancelled:
-                    self._isolated(seq, self._accept, seq, logits[i])
+                    self._isolated(seq, self._accept, seq, logits[i], shortlists.get(i))
         self._drop_finished()
+
+    def _shortlists(self, active: list[_Sequence], logits: Any) -> dict[int, tuple[Any, Any]]:
+        """Each plain top-k sampler's top-k, from one ``topk`` over the batch rather than one
+        per row over 50k logits (bench/serve_profile.py's sampling row). Rows with a
+        warper that must see every logit first (penalties, watermark, grammar, top_n) keep
+        their own path."""
+        import torch
+
+        vocab = logits.shape[-1]
+        rows = [i for i, seq in enumerate(active) if not seq.cancelled and _plain_top_k(seq, vocab)]
+        if len(rows) < 2:
+            return {}
+        ks = [active[i].spec.sampling.top_k for i in rows]
+        try:
+            values, ids = torch.topk(logits[rows], max(ks))  # sorted, descending, per row
+        except Exception:  # each row then takes its own path, and fails alone if it must
+            log.exception("batched top-k failed; sampling row by row")
+            return {}
+        pairs = enumerate(zip(rows, ks, strict=True))
+        return {i: (values[j, :k], ids[j, :k]) for j, (i, k) in pairs}
 
     def _isolated(self, seq: _Sequence, fn: Callable[..., None], *args: Any) -> None:
         """Run one sequence's part of a step; if it fails, only that sequence ends."""
@@ -366,7 +428,9 @@ class Engine:
         self.steps += 1
         return logits
 
-    def _accept(self, seq: _Sequence, logits: Any) -> None:
+    def _accept(
+        self, seq: _Sequence, logits: Any, shortlist: tuple[Any, Any] | None = None
+    ) -> None:
         if self.sample_hook:
             self.sample_hook(seq)
         spec = seq.spec
@@ -381,6 +445,7 @@ class Engine:
             seq.generated,
             allowed=allowed,
             top_n=spec.top_n_tokens,
+            shortlist=shortlist,
         )
         token = choice.token
         if not math.isfinite(choice.logprob):  # NaN or inf anywhere in the row ends up here

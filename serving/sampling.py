@@ -108,9 +108,12 @@ def choose(
     *,
     allowed: Any = None,
     top_n: int = 0,
+    shortlist: tuple[Any, Any] | None = None,
 ) -> Choice:
     """The next token for one row of logits. ``allowed``: the grammar's boolean mask over the
-    vocabulary (None: every token); ``top_n``: how many alternatives to report."""
+    vocabulary (None: every token); ``top_n``: how many alternatives to report;
+    ``shortlist``: this row's ``torch.topk(logits, top_k)`` (values, ids), when the engine
+    took it for the whole batch at once (plain top-k sampling only)."""
     import torch
 
     if params.watermark:
@@ -125,7 +128,9 @@ def choose(
         top = top_tokens(logprobs, None, top_n) if top_n else []
         return Choice(token, float(logprobs[token]), top)
     scores = logits
-    if params.top_k > 0 and params.top_k < scores.shape[0]:
+    if shortlist is not None:
+        scores, ids = shortlist
+    elif params.top_k > 0 and params.top_k < scores.shape[0]:
         scores, ids = torch.topk(scores, params.top_k)  # sorted, descending
     else:
         ids = None

@@ -355,11 +355,18 @@ def check_memory(plan: catalog.Plan, settings: Settings) -> None:
 
 
 def configure_threads(threads: int | None) -> int:
-    """One torch thread per usable core by default: the scheduler is the only torch user."""
+    """Torch threads for the scheduler (its only torch user): one per usable core but one.
+
+    The spare core is the event loop's (HTTP, SSE, JSON) and the tokenizer workers'. Measured
+    on 2 cores, int8, over HTTP (bench/serve_throughput.py's requests, alternated, medians):
+    1 thread 80 tok/s for one stream and 255 for 8 clients, 2 threads 72 and 228. Under load
+    from other processes 2 threads collapse (OpenMP's workers wait at every op's barrier for
+    a descheduled sibling: 13.6 against 20 ms a step, up to 10x worse), 1 thread degrades
+    gently."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = threads or cores or 1
+    n = threads or max(1, (cores or 1) - 1)
     torch.set_num_threads(n)
     return n
 

@@ -43,6 +43,15 @@ def test_runner_matches_transformers_prefill_decode_and_slot_moves(tiny_model_di
     runner.move(1, 0, len(b) + 1)  # b leaves slot 1 for slot 0, as when a finishes
     out = runner.decode(torch.tensor([33]), torch.tensor([len(b) + 1]))
     torch.testing.assert_close(out[0], reference([*b, 22, 33])[-1])
+    c = tok("A modem")["input_ids"][: len(b)]
+    assert len(c) == len(b)
+    runner.prefill(1, c)
+    out = runner.decode(torch.tensor([44, 55]), torch.tensor([len(b) + 2, len(c)]))
+    torch.testing.assert_close(out[0], reference([*b, 22, 33, 44])[-1])
+    runner.prefill(0, b)  # two sequences at one position: the unmasked path, as one stream
+    out = runner.decode(torch.tensor([66, 77]), torch.tensor([len(b), len(c)]))
+    torch.testing.assert_close(out[0], reference([*b, 66])[-1])
+    torch.testing.assert_close(out[1], reference([*c, 77])[-1])
 
 
 def test_int8_logits_stay_close_to_fp32(tiny_model_dir):
@@ -160,3 +169,46 @@ def test_client_disconnect_mid_stream_frees_the_slot(one_slot_server):
         assert r.status_code == 200
     finally:
         engine.step_hook = None
+
+
+def test_batched_top_k_samples_as_each_sequence_alone(tiny_model_dir):
+    """Top-k samplers in one batch share one ``topk`` (Engine._shortlists); each still draws
+    the tokens, with the log-probabilities, that it draws alone with its seed."""
+    from serving.engine import Engine
+    from serving.sampling import SamplingParams
+    from serving.validation import GenerationSpec
+
+    lm = load_model(str(tiny_model_dir), slots=4)
+    prompts = ["Once upon a time", "The quick brown fox", "A model", "Fine-tuning teaches"]
+    specs = [
+        GenerationSpec(
+            input_ids=lm.tokenizer(p)["input_ids"],
+            max_new_tokens=12,
+            stop=(),
+            sampling=SamplingParams(do_sample=True, top_k=k, temperature=t),
+            seed=100 + i,
+        )
+        for i, (p, k, t) in enumerate(
+            zip(prompts, (5, 50, 20, 3), (1.0, 0.7, 1.3, 1.0), strict=True)
+        )
+    ]
+    engine = Engine(lm, max_batch_size=4).start()
+    shared: list[int] = []
+    shortlists = engine._shortlists
+    engine._shortlists = lambda active, logits: (
+        shared.append(len(r := shortlists(active, logits))) or r
+    )
+
+    async def run(batch):
+        return await asyncio.gather(*(s.result() for s in engine.submit(batch)))
+
+    try:
+        together = asyncio.run(run(specs))
+        alone = [asyncio.run(run([spec]))[0] for spec in specs]
+    finally:
+        engine.close()
+    assert max(shared) == 4  # all four shared one top-k
+    for a, b in zip(together, alone, strict=True):
+        assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+        for x, y in zip(a.tokens, b.tokens, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
