@@ -277,3 +277,14 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+def wait_for(what: str, check, timeout: float = 240.0, every: float = 0.5):
+    """Poll ``check`` until it returns something truthy (returned); else fail, naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

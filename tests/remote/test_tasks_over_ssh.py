@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for
 from remote_harness import (  # noqa: F401
     fab_cli,
     fab_fixture,
@@ -176,16 +176,6 @@ def _meta(sshd) -> dict:
         return {}
 
 
-def _wait_for(what: str, check, timeout: float = 240.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _job_pid(sshd) -> int:
     return int((sshd.work / "runs" / RUN / ".pid").read_text())
 
@@ -216,7 +206,7 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     assert twice.code == 1 and "is still" in twice.err, twice.text
 
     # A crash: SIGKILL once a checkpoint exists. run.json still says "running".
-    _wait_for(
+    wait_for(
         "a checkpoint",
         lambda: (
             (sshd.work / "runs" / RUN / "ckpt.pt").exists() and (_meta(sshd).get("step") or 0) >= 25
@@ -224,7 +214,7 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
         every=0.05,
     )
     os.killpg(pid, signal.SIGKILL)
-    _wait_for("the job to die", lambda: not _alive(pid))
+    wait_for("the job to die", lambda: not _alive(pid))
     status = fab(vm, "status")
     assert status.code == 0, status.text
     row = next(line for line in status.out.splitlines() if line.startswith(RUN))
@@ -246,7 +236,7 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
         assert line or follower.poll() is None, f"the follower exited: {''.join(seen)}"
         return "/600 | loss" in line and any(f"resumed {RUN}" in x for x in seen)
 
-    _wait_for(
+    wait_for(
         "the follower to stream a step after the resume",
         followed_past_the_resume,
         timeout=180,
@@ -256,7 +246,7 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
     follower.wait(10)
     assert _alive(new_pid), "the job should still be running when the connection drops"
 
-    _wait_for("the resumed run to finish", lambda: not _alive(new_pid), timeout=300)
+    wait_for("the resumed run to finish", lambda: not _alive(new_pid), timeout=300)
     meta = _meta(sshd)
     assert meta["status"] == "completed", meta
     assert meta["step"] == 600
@@ -270,7 +260,7 @@ def test_train_detached_sigkill_then_resume_survives_a_dropped_connection(fab, v
 
 @pytest.mark.slow
 def test_fetch_verifies_repairs_and_reports_corruption(fab, vm, sshd):
-    _wait_for(
+    wait_for(
         "the trained run",
         lambda: (sshd.work / "runs" / RUN / "manifest.sha256").exists(),
         timeout=5,
@@ -373,12 +363,12 @@ def _check_tunnel(vm: dict[str, str], api_port: int) -> None:
             except OSError:
                 return False
 
-        _wait_for("/health through the tunnel", healthy, timeout=60)
+        wait_for("/health through the tunnel", healthy, timeout=60)
     finally:
         tunnel.terminate()
         tunnel.wait(10)
     # fab forwarded the SIGTERM to its ssh: nothing may be left holding the port.
-    _wait_for("the tunnel's ssh to exit", lambda: not _port_open(local_port), timeout=20)
+    wait_for("the tunnel's ssh to exit", lambda: not _port_open(local_port), timeout=20)
 
 
 def _port_open(port: int) -> bool:
@@ -407,4 +397,4 @@ def _check_restart_on_failure(sshd, url: str) -> None:
             return False
 
     time.sleep(1)
-    _wait_for("the server to restart", healthy_again, timeout=180)
+    wait_for("the server to restart", healthy_again, timeout=180)

@@ -19,13 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 import tgi_standin
-from conftest import ROOT, chat_in_chromium, free_port
+from conftest import ROOT, chat_in_chromium, free_port, wait_for
 from vm_harness import (  # noqa: F401 (pytest fixtures)
     MAX_RUN_HOURS,
     STACK,
     booted_vm_fixture,
     fab_fixture,
-    wait_until,
 )
 
 from facts import (
@@ -55,7 +54,7 @@ OPTIONAL = ("notebook", "tensorboard")
 
 def test_setup_waits_for_the_first_boot_and_installs_exactly_what_uv_lock_pins(fab, booted_vm):
     # As EC2's status checks do, wait for sshd; cloud-init is still installing Docker then.
-    wait_until("sshd", lambda: _port_open(booted_vm.ip, 22), 120, 0.5)
+    wait_for("sshd", lambda: _port_open(booted_vm.ip, 22), 120, 0.5)
     # PyTorch's CPU index is out of reach here: torch comes from PyPI, as uv.lock has it.
     setup = ("setup", "--torch-backend", "pypi", "--groups", ",".join(OPTIONAL))
     first = fab(booted_vm.env, *setup)
@@ -113,7 +112,7 @@ def test_first_boot_runs_the_user_data_cleanly(booted_vm):
 
 def test_a_machine_with_another_host_key_is_refused(fab, booted_vm, tmp_path):
     """The stack pins the key it rendered; a machine that shows any other key is not trusted."""
-    wait_until("sshd", lambda: _port_open(booted_vm.ip, 22), 120, 0.5)  # when run on its own
+    wait_for("sshd", lambda: _port_open(booted_vm.ip, 22), 120, 0.5)  # when run on its own
     _, other_key = cloud_init.new_ed25519_keypair()
     outputs = json.loads(booted_vm.outputs_path.read_text())
     imposter = tmp_path / f"{STACK}.json"
@@ -136,7 +135,7 @@ def test_fab_notebook_reaches_jupyterlab_on_the_vm_through_its_tunnel(fab, boote
         token = url.split("token=")[1]
         status = f"http://127.0.0.1:{local}/api/status"
         auth = {"Authorization": f"token {token}"}
-        wait_until("JupyterLab through the tunnel", lambda: _get(status, auth) == 200, 90, 1)
+        wait_for("JupyterLab through the tunnel", lambda: _get(status, auth) == 200, 90, 1)
         assert _get(status, {}) == 403, "the server must want its token"
     finally:
         proc.terminate()  # what Ctrl-C does: the tunnel ends, the server stays
@@ -316,7 +315,7 @@ def test_the_bootstraps_docker_runs_containers_for_the_login_user(fab, booted_vm
     started = subprocess.run([*ssh, "-o", "BatchMode=yes", run], capture_output=True, text=True)
     assert started.returncode == 0, started.stderr
     try:
-        wait_until("the container's /health", lambda: _healthy(vm, PROBE_PORT), 60)
+        wait_for("the container's /health", lambda: _healthy(vm, PROBE_PORT), 60)
         assert (vm.home() / "probe-data/tgi-args").read_text().split() == ["--model-id", "/m"]
         policy = vm.root("docker inspect --format '{{.HostConfig.RestartPolicy.Name}}' tgi-probe")
         assert policy.stdout.strip() == "unless-stopped"
@@ -341,7 +340,7 @@ def test_idle_auto_stop_for_real_and_the_runs_survive_a_reboot(fab, booted_vm):
     vm.root(f"touch {keep_awake}")
     busy = fab(vm.env, "train", "finetune", "--name", "vm-busy", "--args", flags)
     assert busy.code == 0, busy.text
-    wait_until("the job to run", lambda: _run_status(vm, "vm-busy") == "running", 180)
+    wait_for("the job to run", lambda: _run_status(vm, "vm-busy") == "running", 180)
     vm.root(f"rm {keep_awake}")
     _stays_up(vm, hold, "busy: job vm-busy")
     cancelled = fab(vm.env, "cancel", "vm-busy")
@@ -374,12 +373,12 @@ def test_idle_auto_stop_for_real_and_the_runs_survive_a_reboot(fab, booted_vm):
     # Booted again from the same disk (without the test's knob): everything is still there.
     _drop_idle_knob(vm)
     vm.boot()
-    status = wait_until("SSH after the reboot", lambda: _fab_ok(fab, vm.env, "status"), 120, 2)
+    status = wait_for("SSH after the reboot", lambda: _fab_ok(fab, vm.env, "status"), 120, 2)
     rows = {line.split()[0]: line for line in status.out.splitlines()[1:] if line.split()}
     assert "completed" in rows[RUN] and "interrupted" in rows["vm-busy"], status.out
     last_boot = vm.root("journalctl -b -1 -t tinycloud-idle -o cat --no-pager").stdout
     assert "powering off" in last_boot, last_boot
-    wait_until("the server to come back at boot", lambda: _healthy(vm), 180, 2)
+    wait_for("the server to come back at boot", lambda: _healthy(vm), 180, 2)
     assert vm.root("systemctl is-active tinycloud-activity.service").stdout.strip() == "active"
     assert vm.root("systemctl --failed --no-legend --plain").stdout.strip() == ""
 

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,13 +180,3 @@ def meta_data(vm: vm_machine.Machine, login_public: str) -> dict:
         "local-hostname": "ip-" + vm.network.vm_ip.replace(".", "-"),
         "public-keys": {"tinycloud-key": [login_public.strip()]},
     }
-
-
-def wait_until(what: str, check, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
