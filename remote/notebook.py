@@ -19,7 +19,6 @@ environment: `fab setup --groups notebook` adds it to the host's (see ``NOT_INST
 
 from __future__ import annotations
 
-import secrets
 import shlex
 import time
 
@@ -28,7 +27,7 @@ from invoke import Exit
 from facts import COST_PER_HOUR_ENV, RUNS_DIR_NAME, RUNS_ENV
 from remote import paths
 from remote.runner import Runner
-from remote.target import Target, write_secret
+from remote.target import Target, stack_secret
 
 q = shlex.quote
 PORT = 8888  # Jupyter's own default, on the host's loopback
@@ -47,12 +46,7 @@ NOT_INSTALLED = (
 
 def token(target: Target) -> str:
     """This stack's notebook token, created on first use."""
-    path = target.state_dir / "notebook_token"
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
-    value = secrets.token_urlsafe(24)
-    write_secret(path, value)
-    return value
+    return stack_secret(target, "notebook_token", 24)
 
 
 def running(runner: Runner) -> bool:

@@ -13,7 +13,6 @@ appears in a process list, a unit file or `fab`'s output.
 from __future__ import annotations
 
 import json
-import secrets
 import shlex
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from invoke import Exit
 
 from facts import API_KEY_ENV, MODEL_DIR, RUNS_DIR_NAME
 from remote.runner import Runner
-from remote.target import Target, write_secret
+from remote.target import Target, stack_secret, write_secret
 
 q = shlex.quote
 SERVE_DIR = "serve"  # in the work directory: the env file, pid, log, rendered launch script
@@ -39,12 +38,7 @@ HAS_SYSTEMD = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null && 
 
 def api_key(target: Target) -> str:
     """This stack's API key, created on first use."""
-    path = target.state_dir / "api_key"
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
-    key = secrets.token_urlsafe(32)
-    write_secret(path, key)
-    return key
+    return stack_secret(target, "api_key", 32)
 
 
 def mask(key: str) -> str:
@@ -72,13 +66,8 @@ def model_flags(
                 f"--with-base: run {runs[0]['name']} started from no base model (a pretrain run "
                 "starts from scratch). Name the runs to compare with --run instead."
             )
-        flags += ["--model", path(base) if _looks_local(base) else base]
+        flags += ["--model", base]  # as the job read it: the server runs in the same work dir
     return flags
-
-
-def _looks_local(source: str) -> bool:
-    """A path as the job was given it (relative to the job's directory), not a hub id."""
-    return source.startswith(("/", ".", "~", f"{RUNS_DIR_NAME}/")) or source.count("/") > 1
 
 
 def check_plan(runner: Runner, models: list[str], quantize: str) -> str:

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -203,6 +204,17 @@ def write_secret(path: Path, text: str) -> Path:
         f.write(text if text.endswith("\n") else text + "\n")  # OpenSSH wants the newline
     os.replace(tmp, path)
     return path
+
+
+def stack_secret(target: Target, name: str, nbytes: int) -> str:
+    """A secret of this stack's (the API key, the notebook token), kept in its state dir
+    (0600) and made on first use."""
+    path = target.state_dir / name
+    if path.is_file() and (value := path.read_text().strip()):
+        return value
+    value = secrets.token_urlsafe(nbytes)
+    write_secret(path, value)
+    return value
 
 
 def pin_host_key(path: Path, names: list[str], port: int, public_key: str) -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 
 from invoke import Collection, Exit
 
-from facts import API_PORT, RUNS_DIR_NAME, Output
+from facts import API_PORT, MODEL_DIR, RUNS_DIR_NAME, Output
 from remote import paths
 from remote.cli import task
 from remote.runner import Runner, connect
@@ -353,8 +353,7 @@ def serve(
     """
     from remote import serve as srv
 
-    runs = [run] if isinstance(run, str) else run or []  # `fab demo` calls it with a name
-    names = [n for r in runs for n in r.split(",") if n]
+    names = [n for r in run or [] for n in r.split(",") if n]
     if engine == "tgi" and (len(names) > 1 or with_base):
         raise Exit("--engine tgi serves one run; serve several with --engine native.")
     with _session(target, stack, host, user, key) as (where, runner):
@@ -364,7 +363,7 @@ def serve(
             return
         infos = _servable_runs(runner, names)
         models = srv.model_flags(infos, runner.path, with_base)
-        model_dir = runner.path(f"{RUNS_DIR_NAME}/{infos[0]['name']}/model")
+        model_dir = runner.path(f"{RUNS_DIR_NAME}/{infos[0]['name']}/{MODEL_DIR}")
         port = int(port) or (API_PORT if where.local else where.api_port)
         api_key = srv.api_key(where)
         if engine == "native":
@@ -735,7 +734,7 @@ def demo(c, fresh=False, scale="1", port=0, question=""):
         f"\n[{total}/{total}] serve the fine-tuned model and its base, render the chat page",
         flush=True,
     )
-    serve(c, run="demo-finetune", with_base=True, port=port, target="local")
+    serve(c, run=["demo-finetune"], with_base=True, port=port, target="local")
     url = load_served(where)["url"]
     question = question or d.QUESTION
     answer = generate(url, api_key(where), format_prompt(question), 48)["generated_text"]
