@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_throughput.py --quick    # one round, ~1.5 min
     .venv/bin/python bench/train_throughput.py --padded   # also time padded micro-batches
     .venv/bin/python bench/train_throughput.py --unjoined # also time one packed row a micro-batch
+    .venv/bin/python bench/train_throughput.py --unshared # also time rows without shared prefixes
 
 Both sides train a randomly initialised GPT-2 124M (the real architecture and 50,257-token
 vocabulary; nothing is downloaded) with the Hugging Face Trainer, 16 examples per optimizer step
@@ -13,10 +14,11 @@ as batch 4 x gradient accumulation 4, AdamW, fp32:
   DataCollatorForLanguageModeling, logits and loss at every position;
 - ours: remote.jobs.finetune's Trainer and model preparation with its default flags: the Alpaca
   prompt, examples packed end to end with attention kept within each, a step's packed rows
-  joined up to the memory plan's tokens, lm_head only where the loss is and fused with it, GELU
-  in one kernel, fused AdamW; then the same with LoRA (and, with ``--padded``, micro-batches
-  padded to their longest and re-cut for the least padding instead of packed; with
-  ``--unjoined``, one packed row per micro-batch).
+  joined up to the memory plan's tokens, the prompt beginnings the examples share computed once
+  a row, lm_head only where the loss is and fused with it, GELU in one kernel, fused AdamW; then
+  the same with LoRA (and, with ``--padded``, micro-batches padded to their longest and re-cut
+  for the least padding instead of packed; with ``--unjoined``, one packed row per micro-batch;
+  with ``--unshared``, every example's prompt computed in full).
 
 The examples have alpaca-1k's shape: its real lengths when the dataset can be loaded, otherwise
 lengths drawn to a mean of about 90 tokens in our format, a third of that prompt. The bench prints
@@ -60,6 +62,7 @@ VARIANTS = [  # ours: (name, remote.jobs.finetune flags beyond its defaults, ben
     ("ours padded", ["--batching", "padded"], "padded"),
     ("ours bf16", ["--precision", "bf16"], "bf16"),
     ("ours unjoined", [], "unjoined"),  # one packed row per micro-batch, as before joining
+    ("ours unshared", [], "unshared"),  # every example's prompt in full, as before sharing
 ]
 TOKENIZER_VOCAB = 8192  # offline BPE size when GPT-2's own tokenizer is not cached
 WORDS_TEXT = (  # a fallback vocabulary when no shipped data is present
@@ -163,13 +166,16 @@ def length_stats(name: str, lengths: list[int], extra: str = "") -> None:
     )
 
 
-def train_flops(cfg, seqs: list[int], logit_positions: int, lora: bool) -> dict[str, float]:
-    """FLOPs one pass over ``seqs`` (computed lengths, padding included) costs, by phase: the
-    blocks' matmuls (2 per weight per token forward, 4 backward, 2 with frozen weights, whose
-    gradient is not computed), attention scores and values, lm_head at ``logit_positions``."""
+def train_flops(
+    cfg, spans: list[tuple[int, int]], logit_positions: int, lora: bool
+) -> dict[str, float]:
+    """FLOPs one pass costs, by phase, from its attention ``spans`` (queries, keys: the tokens
+    computed, padding included, and each one's context): the blocks' matmuls (2 per weight per
+    token forward, 4 backward, 2 with frozen weights, whose gradient is not computed), attention
+    scores and values, lm_head at ``logit_positions``."""
     h, layers, v = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    body = 12 * layers * h * h * sum(seqs)
-    attention = sum(4 * layers * h * t * t for t in seqs)
+    body = 12 * layers * h * h * sum(q for q, _ in spans)
+    attention = sum(4 * layers * h * q * k for q, k in spans)
     head = logit_positions * 2 * h * v
     back = 1 if lora else 2  # frozen weights: only the gradient of the input
     return {
@@ -281,9 +287,10 @@ def course_step(model, tok, rows, out: Path) -> tuple[dict, dict]:
     trainer.remove_callback(PrinterCallback)  # its end-of-train dict on every step
     timer = StepTimer(trainer)
     trainer.train()
-    seqs = [COURSE_MAX_LENGTH] * len(rows)
+    spans = [(COURSE_MAX_LENGTH, COURSE_MAX_LENGTH)] * len(rows)
     real = sum(sum(m) for m in enc["attention_mask"])
-    return timer.result(), {"real_tokens": real, "seqs": seqs, "logits": sum(seqs)}
+    logits = len(rows) * COURSE_MAX_LENGTH
+    return timer.result(), {"real_tokens": real, "spans": spans, "logits": logits}
 
 
 def ours_args(flags: list[str]):
@@ -293,7 +300,9 @@ def ours_args(flags: list[str]):
     return finetune.parse_args(["--max-steps", "1", "--device", "cpu", *flags])
 
 
-def ours_step(model, tok, rows, out: Path, args, pack_tokens: int) -> tuple[dict, dict]:
+def ours_step(
+    model, tok, rows, out: Path, args, pack_tokens: int, share: bool | None = None
+) -> tuple[dict, dict]:
     """One optimizer step of remote.jobs.finetune's Trainer on the same 16 examples, the model
     prepared by finetune.prepare_model as a real run's is, packed rows joined up to
     ``pack_tokens`` as finetune joins them (--batch-size examples as long as the longest)."""
@@ -313,25 +322,17 @@ def ours_step(model, tok, rows, out: Path, args, pack_tokens: int) -> tuple[dict
     )
     packing = args.batching == "packed"
     trainer = finetune.make_trainer(
-        model, tok, feats, [], targs, packing=packing, pack_tokens=pack_tokens
+        model, tok, feats, [], targs, packing=packing, pack_tokens=pack_tokens, share=share
     )
     trainer.remove_callback(PrinterCallback)
     timer = StepTimer(trainer)
     trainer.train()
     info = {
         "real_tokens": sum(len(f["input_ids"]) for f in feats),
-        "seqs": computed_lengths(trainer, feats, packing),
+        "spans": trainer.spans,  # as computed: padded, packed, or with shared prefixes
         "logits": sum(sum(x != -100 for x in f["labels"][1:]) for f in feats),
     }
     return timer.result(), info
-
-
-def computed_lengths(trainer, feats, packing: bool) -> list[int]:
-    """Each example's length as computed: its own when packed (attention stays within it),
-    its micro-batch's longest when padded."""
-    if packing:
-        return [len(f["input_ids"]) for f in feats]
-    return [length for rows, length in trainer.shapes for _ in range(rows)]
 
 
 def make_rows(n: int, seed: int):
@@ -378,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help="also time ours in mixed bf16")
     p.add_argument(
         "--unjoined", action="store_true", help="also time ours with one packed row a micro-batch"
+    )
+    p.add_argument(
+        "--unshared", action="store_true", help="also time ours without shared prompt prefixes"
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -434,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
                     t, info = course_step(models[name], tok, batch, Path(tmp))
                 else:
                     joined = 0 if name == "ours unjoined" else cap
-                    t, info = ours_step(models[name], tok, batch, Path(tmp), flags[name], joined)
+                    share = False if name == "ours unshared" else None
+                    t, info = ours_step(
+                        models[name], tok, batch, Path(tmp), flags[name], joined, share
+                    )
                 times[name].append(t)
                 infos[name].append({**info, "trained": trained[name]})
             print(
@@ -461,7 +468,7 @@ def report(cfg, machine, peaks: dict, names: list[str], times, infos, lora: set)
         r = median_round(times[n])
         t, info = times[n][r], infos[n][r]
         wall, cpu = t["wall"], t["cpu"]
-        flops = sum(train_flops(cfg, info["seqs"], info["logits"], lora=n in lora).values())
+        flops = sum(train_flops(cfg, info["spans"], info["logits"], lora=n in lora).values())
         print(
             f"  {n:<13} wall {wall:6.2f} s  {statistics.median(ratios(times, n, 'wall')):4.1f}x  "
             f"{info['real_tokens'] / wall:6.0f} real tokens/s  {flops / wall / 1e9:6.1f} GFLOP/s "
@@ -499,7 +506,7 @@ def profile(cfg, peaks: dict, names: list[str], times, infos, lora: set) -> None
             seconds = rows[n]["phases"][phase]
             share = seconds / rows[n]["wall"]
             if phase in ("forward", "backward"):
-                flops = train_flops(cfg, info[n]["seqs"], info[n]["logits"], lora=n in lora)[phase]
+                flops = train_flops(cfg, info[n]["spans"], info[n]["logits"], lora=n in lora)[phase]
             elif phase == "optimizer":
                 flops = ADAMW_FLOPS * info[n]["trained"]
             else:

@@ -41,13 +41,19 @@ from remote.jobs.finetune_flags import Config, parse
 from remote.jobs.guard import Guard
 from remote.jobs.models import add_lora, check_source, load_hint, load_tokenizer, save_model
 from remote.jobs.optimizers import optimizer_spec
-from remote.jobs.packed_attention import use_packed_attention
+from remote.jobs.packed_attention import (
+    can_share_prefixes,
+    follows_segment_tree,
+    use_packed_attention,
+)
 from remote.jobs.sft_batches import (
     FlattenBatch,
     PadToLongest,
+    attention_spans,
     merge_packed,
     rebalance,
     response_loss,
+    share_prefixes,
     tokenize_examples,
 )
 from remote.jobs.signals import StopSignal
@@ -235,15 +241,22 @@ def make_trainer(
     packing: bool = False,
     pad_to: int = 0,
     pack_tokens: int = 0,
+    share: bool | None = None,
     callbacks: list | None = None,
 ) -> Any:
     """A Trainer whose loss is ``sft_batches.response_loss``: lm_head only where labels are; each
     step's micro-batches re-cut for the least padding (``sft_batches.rebalance``) unless every
     example is padded to ``pad_to`` tokens, or, packed, joined into rows of up to
-    ``pack_tokens`` (``sft_batches.merge_packed``; 0: one row per micro-batch); counting the
-    real (non-padding) tokens it trains on and the shapes it computed."""
+    ``pack_tokens`` (``sft_batches.merge_packed``; 0: one row per micro-batch) whose shared
+    prompt beginnings are computed once (``sft_batches.share_prefixes``; ``share`` None: where
+    the model allows it); counting the real (non-padding) tokens it trains on and the shapes
+    and attention spans it computed."""
     import torch
     from transformers import Trainer
+
+    share_eval = packing and follows_segment_tree(model) and share is not False
+    if share is None:
+        share = can_share_prefixes(model)
 
     class _ResponseTrainer(Trainer):
         tokens_seen = 0
@@ -251,12 +264,18 @@ def make_trainer(
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.shapes: list[tuple[int, int]] = []  # (rows, length) of each micro-batch
+            self.spans: list[tuple[int, int]] = []  # (queries, keys) of each attention
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            if packing and pack_tokens:
-                return merge_packed(batches, pack_tokens), items
-            return (batches if pad_to else rebalance(batches, tok.pad_token_id)), items
+            for b in batches:  # counted here, before shared prefixes leave fewer tokens
+                mask = b.get("attention_mask")
+                self.tokens_seen += int(mask.sum() if mask is not None else b["input_ids"].numel())
+            if not packing:
+                return (batches if pad_to else rebalance(batches, tok.pad_token_id)), items
+            if pack_tokens:
+                batches = merge_packed(batches, pack_tokens)
+            return ([share_prefixes(b) if b else b for b in batches] if share else batches), items
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if not inputs:  # merge_packed moved its examples into a later micro-batch
@@ -265,10 +284,10 @@ def make_trainer(
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
-                mask = inputs.get("attention_mask")
-                real = mask.sum() if mask is not None else inputs["input_ids"].numel()
-                self.tokens_seen += int(real)
                 self.shapes.append(tuple(inputs["input_ids"].shape))
+                self.spans += attention_spans(inputs)
+            elif share_eval:  # no dropout when evaluating: shared prefixes change nothing
+                inputs = share_prefixes(inputs)
             loss = response_loss(model, inputs, num_items_in_batch)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP averages; the count is global

@@ -10,7 +10,9 @@ padded micro-batches), and flash-attn's varlen kernel, which needs no mask, is C
 SDPA's causal kernel runs once per example instead, from the example bounds FlattenBatch puts in
 the batch as ``cu_seq_lens_q`` (the name flash-attn's varlen path reads, so flash_attention_2
 takes the same batches unchanged). Anything without those bounds goes to transformers' SDPA as
-before.
+before. A row from ``sft_batches.share_prefixes`` also carries ``segment_parents``: each segment
+then attends to the shared segments above it as well (flash-attn knows nothing of that, so
+finetune shares prefixes only for this attention).
 
 Registered under its own name, which only lives in the loaded model: saved configs do not
 record the attention implementation, so a saved model loads anywhere as a plain one.
@@ -45,8 +47,15 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    sizes = [b - a for a, b in pairwise(bounds.tolist()) if b > a]
     gqa = query.shape[1] != key.shape[1]
+    from remote.jobs.sft_batches import PARENTS
+
+    parents = kwargs.get(PARENTS)
+    if parents is not None:
+        parts = _tree_parts(query, key, value, bounds.tolist(), parents.tolist(), dropout,
+                            scaling, gqa)  # fmt: skip
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    sizes = [b - a for a, b in pairwise(bounds.tolist()) if b > a]
     parts = [
         F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
@@ -54,6 +63,53 @@ def packed_sdpa_attention(
         for q, k, v in zip(*(x.split(sizes, dim=2) for x in (query, key, value)), strict=True)
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _tree_parts(
+    query: Any,
+    key: Any,
+    value: Any,
+    bounds: list[int],
+    parents: list[int],
+    dropout: float,
+    scaling: float | None,
+    gqa: bool,
+) -> list[Any]:
+    """Attention of each segment of a ``sft_batches.share_prefixes`` row: its queries over the
+    keys of the segments above it and its own, causal from its own first token on (the mask's
+    diagonal is aligned to the bottom right, as the queries are the keys' last ones)."""
+    import torch
+    from torch.nn import functional as F
+
+    spans = list(pairwise(bounds))
+    parts = []
+    for s, (a, b) in enumerate(spans):
+        path, p = [(a, b)], parents[s]
+        while p >= 0:
+            path.append(spans[p])
+            p = parents[p]
+        q = query[:, :, a:b]
+        if len(path) == 1:
+            k, v, mask, causal = key[:, :, a:b], value[:, :, a:b], None, True
+        else:
+            k = torch.cat([key[:, :, x:y] for x, y in reversed(path)], dim=2)
+            v = torch.cat([value[:, :, x:y] for x, y in reversed(path)], dim=2)
+            n = k.shape[2]
+            mask = torch.ones(b - a, n, dtype=torch.bool, device=q.device).tril(n - (b - a))
+            causal = False
+        parts.append(
+            F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=causal,
+                enable_gqa=gqa,
+            )
+        )
+    return parts
 
 
 def register() -> None:
@@ -105,3 +161,20 @@ def keeps_examples_apart(model: Any, lengths: tuple[int, ...] = (3, 5)) -> bool:
         inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in packed.items()}
         together = model(**inputs).logits[0]
     return torch.allclose(torch.cat(alone), together, atol=1e-4, rtol=1e-3)
+
+
+def follows_segment_tree(model: Any) -> bool:
+    """Whether ``model`` attends as the rows of ``sft_batches.share_prefixes`` need: under this
+    attention, which reads their tree (flash-attn or SDPA would not)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
+def can_share_prefixes(model: Any) -> bool:
+    """Whether ``model`` may train on rows with shared prompt beginnings: it follows their tree
+    and has no dropout, which would draw one mask for a shared prefix where each example had
+    its own. (Evaluating needs only the first: no dropout runs then.)"""
+    from torch import nn
+
+    if not follows_segment_tree(model):
+        return False
+    return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())

@@ -22,6 +22,12 @@ what is learned (bench/train_throughput.py measures it):
    long examples share a micro-batch with long ones and the step computes the fewest padded
    tokens. The gradient is a sum over the step's loss tokens, so how they are split does not
    change it.
+4. ``share_prefixes`` computes a prompt beginning that several examples of a packed row share
+   (the preamble and headers on every example, and a first few words many instructions share)
+   once, and lets each example attend to that one copy (packed_attention.py follows the
+   row's ``segment_parents``). A prefix sees only itself (attention is causal), so its hidden
+   states are the same in every example that starts with it; the gradients that reach it from
+   each example add up in the one copy, so the step's gradient is the same, with fewer tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any
 from remote.jobs.vocab_loss import head_cross_entropy, token_cross_entropy
 
 IGNORE = -100  # label value that carries no loss (the convention of torch and transformers)
+PARENTS = "segment_parents"  # share_prefixes' tree: each segment's parent segment, or -1
 
 
 def tokenize_examples(
@@ -169,6 +176,110 @@ def _join_packed(rows: list[dict[str, Any]]) -> dict[str, Any]:
     longest = max(r["max_length_q"] for r in rows)
     return {**cat, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
             "max_length_k": longest}  # fmt: skip
+
+
+def share_prefixes(row: dict[str, Any]) -> dict[str, Any]:
+    """A packed row (``FlattenBatch``, ``merge_packed``) with the prompt beginnings its examples
+    share stored once, as a tree of segments; the row as it came if nothing is shared.
+
+    The row holds the shared segments first, then each example's own rest (a leaf), each under
+    the deepest shared segment it starts with. ``cu_seq_lens_q`` bounds the segments and
+    ``PARENTS`` names each one's parent, so a segment attends to the segments above it and to
+    itself, causally; positions continue from the parent's end. Only prompt tokens are shared,
+    and never an example's last prompt token, whose next token (the answer's first) carries
+    loss: a shared segment has no loss position, and every leaf starts with a prompt token.
+    """
+    import torch
+
+    if set(row) != PACKED_KEYS or row["input_ids"].shape[0] != 1:
+        return row
+    bounds = row["cu_seq_lens_q"].tolist()
+    ids, labels = row["input_ids"][0].tolist(), row["labels"][0].tolist()
+    seqs = [ids[a:b] for a, b in pairwise(bounds)]
+    labs = [labels[a:b] for a, b in pairwise(bounds)]
+    shared, leaves = _prefix_tree(seqs, [_shareable(x) for x in labs])
+    if not shared:
+        return row
+    segs = [(tokens, [IGNORE] * len(tokens), start) for tokens, _, start in shared]
+    segs += [(s[start:], [IGNORE, *lab[start + 1 :]], start)
+             for s, lab, (start, _) in zip(seqs, labs, leaves, strict=True)]  # fmt: skip
+    out_ids, out_labels, pos, cu = [], [], [], [0]
+    for tokens, lab, start in segs:
+        out_ids += tokens
+        out_labels += lab
+        pos += range(start, start + len(tokens))
+        cu.append(cu[-1] + len(tokens))
+    device = row["input_ids"].device
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+    parents = [p for _, p, _ in shared] + [p for _, p in leaves]
+    return {
+        "input_ids": torch.tensor([out_ids], device=device),
+        "labels": torch.tensor([out_labels], device=device),
+        "position_ids": torch.tensor([pos], device=device),
+        "cu_seq_lens_q": cu_t,
+        "cu_seq_lens_k": cu_t,
+        "max_length_q": max(len(t) for t, _, _ in segs),
+        "max_length_k": max(len(t) for t, _, _ in segs),
+        PARENTS: torch.tensor(parents, dtype=torch.int32, device=device),
+    }
+
+
+def _shareable(labels: list[int]) -> int:
+    """How many leading tokens of an example may be shared: those before its last prompt token
+    (the last position whose next token carries no loss)."""
+    for t in range(1, len(labels)):
+        if labels[t] != IGNORE:
+            return t - 1
+    return len(labels) - 1
+
+
+def _prefix_tree(
+    seqs: list[list[int]], limits: list[int]
+) -> tuple[list[tuple[list[int], int, int]], list[tuple[int, int]]]:
+    """The runs of tokens that two or more of ``seqs`` begin with (within their ``limits``), as
+    (tokens, parent segment, start position), parents first; and each sequence's leaf as
+    (start, parent segment), -1 for none. A radix tree, built by grouping on the next token."""
+    shared: list[tuple[list[int], int, int]] = []
+    leaves = [(0, -1)] * len(seqs)
+    pending = [(list(range(len(seqs))), 0, -1)]
+    while pending:
+        members, start, parent = pending.pop()
+        groups: dict[int, list[int]] = {}
+        for i in members:
+            if limits[i] > start:
+                groups.setdefault(seqs[i][start], []).append(i)
+            else:
+                leaves[i] = (start, parent)
+        for group in groups.values():
+            if len(group) < 2:
+                leaves[group[0]] = (start, parent)
+                continue
+            end = start + 1
+            while all(limits[i] > end for i in group) and len({seqs[i][end] for i in group}) == 1:
+                end += 1
+            shared.append((seqs[group[0]][start:end], parent, start))
+            pending.append((group, end, len(shared) - 1))
+    return shared, leaves
+
+
+def attention_spans(batch: dict[str, Any]) -> list[tuple[int, int]]:
+    """(queries, keys) of each attention a batch computes, per layer: an example's length twice
+    when packed, a shared prefix's ancestors added to its keys, a padded row's length twice.
+    Benches count FLOPs from these."""
+    ids = batch["input_ids"]
+    if "cu_seq_lens_q" not in batch:
+        return [(ids.shape[1], ids.shape[1])] * ids.shape[0]
+    bounds = batch["cu_seq_lens_q"].tolist()
+    sizes = [b - a for a, b in pairwise(bounds)]
+    parents = batch.get(PARENTS)
+    parents = [-1] * len(sizes) if parents is None else parents.tolist()
+    spans = []
+    for s, n in enumerate(sizes):
+        keys, p = n, parents[s]
+        while p >= 0:
+            keys, p = keys + sizes[p], parents[p]
+        spans.append((n, keys))
+    return spans
 
 
 def rebalance(batches: list[dict[str, Any]], pad_id: int) -> list[dict[str, Any]]:

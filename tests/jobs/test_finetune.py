@@ -237,19 +237,23 @@ def test_joined_packed_rows_train_the_same_weights(tiny_model_dir, tmp_path):
     targs = finetune.training_arguments(c, tmp_path, finetune.schedule(c, 16, 1), "cpu")
     targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no", seed=0, data_seed=0)
 
-    def train(pack_tokens: int):
+    def train(pack_tokens: int, share: bool | None = None):
         model = finetune.load_model(c, tok)
         trainer = finetune.make_trainer(model, tok, feats, [], targs, packing=True,
-                                        pack_tokens=pack_tokens)  # fmt: skip
+                                        pack_tokens=pack_tokens, share=share)  # fmt: skip
         trainer.train()
         return trainer, torch.cat([p.detach().flatten() for p in model.parameters()])
 
     rows, apart = train(0)
     joined, together = train(10**6)
-    assert len(rows.shapes) == 4 and len(joined.shapes) == 1
-    assert joined.shapes[0][1] == sum(n for _, n in rows.shapes)
-    assert joined.tokens_seen == rows.tokens_seen
+    plain, unshared = train(10**6, share=False)
+    assert len(rows.shapes) == 4 and len(joined.shapes) == len(plain.shapes) == 1
+    tokens = sum(len(f["input_ids"]) for f in feats)
+    assert plain.shapes[0][1] == tokens == joined.tokens_seen == rows.tokens_seen
+    # "Q", ":" and " what is" are computed once a row: once in the joined row, 4 times apart
+    assert joined.shapes[0][1] < sum(n for _, n in rows.shapes) < tokens
     assert torch.allclose(apart, together, atol=1e-6)
+    assert torch.allclose(unshared, together, atol=1e-6)
     assert joined.state.log_history[-1]["train_loss"] == pytest.approx(
         rows.state.log_history[-1]["train_loss"], rel=1e-5
     )

@@ -3,6 +3,7 @@ packing change nothing about each example's loss; lm_head on loss positions only
 the loss of full logits."""
 
 import copy
+from itertools import pairwise
 
 import pytest
 import torch
@@ -12,9 +13,11 @@ from remote.jobs.sft_batches import (
     IGNORE,
     FlattenBatch,
     PadToLongest,
+    attention_spans,
     merge_packed,
     rebalance,
     response_loss,
+    share_prefixes,
     tokenize_examples,
 )
 
@@ -264,3 +267,74 @@ def test_merged_rows_give_the_same_gradient(tiny):
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     assert torch.allclose(grads(before), grads(after), atol=1e-6)
+
+
+def _example(prompt: list[int], answer: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + answer}
+
+
+def test_shared_prefixes_store_each_prompt_beginning_once():
+    feats = [
+        _example([1, 2, 3, 4, 9], [50, 51]),
+        _example([1, 2, 3, 5, 9], [52]),
+        _example([1, 2, 3, 4, 8, 7], [53, 54, 55]),
+        _example([6, 2], [56]),  # shares nothing
+    ]
+    row = FlattenBatch()(feats)
+    shared = share_prefixes(row)
+    bounds = shared["cu_seq_lens_q"].tolist()
+    segments = [shared["input_ids"][0, a:b].tolist() for a, b in pairwise(bounds)]
+    # [1, 2, 3] under all three; [4] under the first and third; then each example's rest, which
+    # keeps its last prompt token: the position whose next token is the answer's first.
+    assert segments == [[1, 2, 3], [4], [9, 50, 51], [5, 9, 52], [8, 7, 53, 54, 55], [6, 2, 56]]
+    assert shared["segment_parents"].tolist() == [-1, 0, 1, 0, 1, -1]
+    assert shared["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 4, 5, 6, 7, 8,
+                                                  0, 1, 2]  # fmt: skip
+    labels = shared["labels"][0].tolist()
+    assert labels[:4] == [IGNORE] * 4  # no loss on a shared segment
+    assert sorted(x for x in labels if x != IGNORE) == [50, 51, 52, 53, 54, 55, 56]
+    # The loss lands on the same next tokens: the targets, in order of each example's rest.
+    from remote.jobs.sft_batches import loss_positions
+
+    assert loss_positions(shared["labels"])[1].tolist() == [50, 51, 52, 53, 54, 55, 56]
+    assert attention_spans(shared) == [(3, 3), (1, 4), (3, 7), (3, 6), (5, 9), (3, 3)]
+    assert attention_spans(row) == [(7, 7), (6, 6), (9, 9), (3, 3)]
+    lonely = FlattenBatch()([_example([1, 2], [3]), _example([4, 5], [6])])
+    assert share_prefixes(lonely) is lonely  # nothing shared: the row as it came
+    assert share_prefixes(shared) is shared  # already a tree
+    padded = PadToLongest(0)(feats)
+    assert share_prefixes(padded) is padded
+
+
+def test_shared_prefix_rows_give_the_same_losses_and_gradient(tiny):
+    from remote.jobs.models import set_dropout
+    from remote.jobs.packed_attention import can_share_prefixes, use_packed_attention
+    from remote.jobs.sft_batches import loss_positions
+
+    tok, model = tiny
+    _, feats = features(tok)
+    more = [
+        {"instruction": "Name a colour of the sky.", "input": "", "output": "Grey."},
+        {"instruction": "Add the numbers.", "input": "7 and 8", "output": "15."},
+        {"instruction": "Name a fruit.", "input": "", "output": "A pear."},
+    ]
+    feats += tokenize_examples(tok, [format_instruction(r, tok.eos_token) for r in more], 200)[0]
+    row = FlattenBatch()(feats)
+    shared = share_prefixes(row)
+    assert shared["input_ids"].shape[1] < row["input_ids"].shape[1] - 20  # the preambles, once
+    assert torch.equal(loss_positions(row["labels"])[1], loss_positions(shared["labels"])[1])
+    model = copy.deepcopy(model)
+    assert use_packed_attention(model) and not can_share_prefixes(model)  # GPT-2's dropout
+    set_dropout(model, 0.0)  # finetune's default
+    assert can_share_prefixes(model)
+    items = int((row["labels"][:, 1:] != IGNORE).sum())
+
+    def run(batch):
+        model.zero_grad()
+        losses = response_loss(model, batch, reduction="none")
+        (losses.sum() / items).backward()
+        return losses.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (loss_a, grad_a), (loss_b, grad_b) = run(row), run(shared)
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert torch.allclose(grad_a, grad_b, atol=1e-6)
