@@ -75,7 +75,9 @@ def weight_bytes(shape: Shape, quantize: str | None) -> int:
 
 
 def kv_bytes(shape: Shape, slots: int) -> int:
-    return 2 * shape.n_layer * slots * shape.n_positions * shape.n_embd * KV_BYTES
+    """Keys and values of every layer, and one layer's size of scratch for a batch's attention
+    (model.GPT2Runner)."""
+    return (2 * shape.n_layer + 1) * slots * shape.n_positions * shape.n_embd * KV_BYTES
 
 
 @dataclass(frozen=True)
