@@ -76,20 +76,20 @@ def instrument(engine: Any, clock: PhaseClock) -> list[tuple[Any, str, Any]]:
     patches: list[tuple[Any, str, Any]] = [
         (runner, "prefill", clock.wrap("prefill", runner.prefill)),
         (runner, "decode", clock.wrap("decode_other", runner.decode)),
-        (runner.lm_head, "forward", clock.wrap("lm_head", runner.lm_head.forward)),
+        (runner, "head", clock.wrap("lm_head", runner.head)),
         (runner, "_attend", clock.wrap("attention", runner._attend)),
         (engine, "_accept", clock.wrap("bookkeeping", engine._accept)),
         (engine, "_drop_finished", clock.wrap("bookkeeping", engine._drop_finished)),
         (engine, "_decode", clock.wrap("bookkeeping", engine._decode)),
     ]
-    for blk in runner.blocks:
-        for mod, name in (
-            (blk.attn.c_attn, "attn_matmul"),
-            (blk.attn.c_proj, "attn_matmul"),
-            (blk.mlp.c_fc, "mlp_matmul"),
-            (blk.mlp.c_proj, "mlp_matmul"),
+    for ops in runner.ops:
+        for attr, name in (
+            ("c_attn", "attn_matmul"),
+            ("attn_proj", "attn_matmul"),
+            ("c_fc", "mlp_matmul"),
+            ("mlp_proj", "mlp_matmul"),
         ):
-            patches.append((mod, "forward", clock.wrap(name, mod.forward)))
+            patches.append((ops, attr, clock.wrap(name, getattr(ops, attr))))
     return patches
 
 

@@ -218,6 +218,9 @@ class GPT2Runner:
         self.max_len = max_len
         self.wte, self.wpe, self.ln_f, self.lm_head = tr.wte, tr.wpe, tr.ln_f, hf.lm_head
         self.blocks = list(tr.h)
+        # each step calls the weights' kernels directly (see direct_op)
+        self.ops = [BlockOps.of(blk) for blk in self.blocks]
+        self.final_norm, self.head = direct_op(tr.ln_f), direct_op(hf.lm_head)
         base = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
         by_layer = bool(getattr(cfg, "scale_attn_by_inverse_layer_idx", False))
         self.scales = [base / (i + 1) if by_layer else base for i in range(len(self.blocks))]
@@ -268,11 +271,11 @@ class GPT2Runner:
             idx = torch.tensor(ids, device=self.device)
             lora = [(self.adapters[adapter], None)] if adapter else None
             x = self.wte(idx) + self.wpe(self.arange[:t])  # (T, E)
-            for layer, blk in enumerate(self.blocks):
+            for layer in range(len(self.blocks)):
                 if lora is None:
-                    q, k, v = self._qkv(blk, x, t)  # (T, H, D) each
+                    q, k, v = self._qkv(layer, x, t)  # (T, H, D) each
                 else:
-                    q, k, v = self._qkv_lora(blk, x, t, layer, lora)
+                    q, k, v = self._qkv_lora(layer, x, t, lora)
                 self.k[layer, slot, :t] = k
                 self.v[layer, slot, :t] = v
                 k, v = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
@@ -285,11 +288,11 @@ class GPT2Runner:
                 )  # (1, H, T, D)
                 a = a.squeeze(0).transpose(0, 1).reshape(t, -1)
                 if lora is None:
-                    x = self._finish_block(blk, x, a)
+                    x = self._finish_block(layer, x, a)
                 else:
-                    x = self._finish_block_lora(blk, x, a, layer, lora)
+                    x = self._finish_block_lora(layer, x, a, lora)
             x = x if all_logits else x[-1:]
-            return self.lm_head(self.ln_f(x)).float()
+            return self.head(self.final_norm(x)).float()
 
     def decode(self, tokens: Any, positions: Any, adapters: list[int] | None = None) -> Any:
         """Advance slots ``0..B-1`` by one token each: ``tokens[b]`` sits at ``positions[b]``
@@ -309,11 +312,11 @@ class GPT2Runner:
                 rows = self.arange[:b] * self.max_len + positions  # into a layer's (S*T, H, D)
             lora = self._lora_rows(adapters) if adapters else None
             x = self.wte(tokens) + self.wpe(positions)  # (B, E)
-            for layer, blk in enumerate(self.blocks):
+            for layer in range(len(self.blocks)):
                 if lora is None:
-                    q, k, v = self._qkv(blk, x, b)  # (B, H, D)
+                    q, k, v = self._qkv(layer, x, b)  # (B, H, D)
                 else:
-                    q, k, v = self._qkv_lora(blk, x, b, layer, lora)
+                    q, k, v = self._qkv_lora(layer, x, b, lora)
                 if rows is None:
                     self.k[layer, :b, high] = k
                     self.v[layer, :b, high] = v
@@ -323,10 +326,10 @@ class GPT2Runner:
                     self.v[layer].view(flat).index_copy_(0, rows, v)
                 a = self._attend(layer, q, span, mask)
                 if lora is None:
-                    x = self._finish_block(blk, x, a.reshape(b, -1))
+                    x = self._finish_block(layer, x, a.reshape(b, -1))
                 else:
-                    x = self._finish_block_lora(blk, x, a.reshape(b, -1), layer, lora)
-            return self.lm_head(self.ln_f(x)).float()
+                    x = self._finish_block_lora(layer, x, a.reshape(b, -1), lora)
+            return self.head(self.final_norm(x)).float()
 
     def _attend(self, layer: int, q: Any, span: int, mask: Any) -> Any:
         """One query per sequence (``q``: (B, H, D)) over the first ``span`` cache positions;
@@ -362,13 +365,15 @@ class GPT2Runner:
 
     # -- pieces ------------------------------------------------------------------------------------
 
-    def _qkv(self, blk: Any, x: Any, n: int) -> tuple[Any, Any, Any]:
-        qkv = blk.attn.c_attn(blk.ln_1(x)).view(n, 3, self.n_head, self.head_dim)
+    def _qkv(self, layer: int, x: Any, n: int) -> tuple[Any, Any, Any]:
+        op = self.ops[layer]
+        qkv = op.c_attn(op.ln_1(x)).view(n, 3, self.n_head, self.head_dim)
         return qkv.unbind(1)
 
-    def _finish_block(self, blk: Any, x: Any, attn: Any) -> Any:
-        x = x + blk.attn.c_proj(attn)
-        return x + blk.mlp.c_proj(self.act(blk.mlp.c_fc(blk.ln_2(x))))
+    def _finish_block(self, layer: int, x: Any, attn: Any) -> Any:
+        op = self.ops[layer]
+        x = x + op.attn_proj(attn)
+        return x + op.mlp_proj(self.act(op.c_fc(op.ln_2(x))))
 
     # -- the same with LoRA adapters --------------------------------------------------------------
 
@@ -389,20 +394,76 @@ class GPT2Runner:
             for i in used
         ]
 
-    def _qkv_lora(self, blk: Any, x: Any, n: int, layer: int, lora: Lora) -> tuple[Any, Any, Any]:
-        h = blk.ln_1(x)
-        y = _plus_lora(blk.attn.c_attn(h), h, layer, "attn.c_attn", lora)
+    def _qkv_lora(self, layer: int, x: Any, n: int, lora: Lora) -> tuple[Any, Any, Any]:
+        op = self.ops[layer]
+        h = op.ln_1(x)
+        y = _plus_lora(op.c_attn(h), h, layer, "attn.c_attn", lora)
         return y.view(n, 3, self.n_head, self.head_dim).unbind(1)
 
-    def _finish_block_lora(self, blk: Any, x: Any, attn: Any, layer: int, lora: Lora) -> Any:
-        x = x + _plus_lora(blk.attn.c_proj(attn), attn, layer, "attn.c_proj", lora)
-        h = blk.ln_2(x)
-        u = self.act(_plus_lora(blk.mlp.c_fc(h), h, layer, "mlp.c_fc", lora))
-        return x + _plus_lora(blk.mlp.c_proj(u), u, layer, "mlp.c_proj", lora)
+    def _finish_block_lora(self, layer: int, x: Any, attn: Any, lora: Lora) -> Any:
+        op = self.ops[layer]
+        x = x + _plus_lora(op.attn_proj(attn), attn, layer, "attn.c_proj", lora)
+        h = op.ln_2(x)
+        u = self.act(_plus_lora(op.c_fc(h), h, layer, "mlp.c_fc", lora))
+        return x + _plus_lora(op.mlp_proj(u), u, layer, "mlp.c_proj", lora)
 
 
 # Per adapter in a batch: its deltas, and the rows it decodes (None: every row).
 Lora = list[tuple[dict[tuple[int, str], tuple[Any, Any]], Any]]
+
+
+@dataclass
+class BlockOps:
+    """A block's layer norms and projections as direct kernel calls (``direct_op``); attributes,
+    so a profiler can wrap each one (bench/serve_profile.py)."""
+
+    ln_1: Any
+    c_attn: Any
+    attn_proj: Any
+    ln_2: Any
+    c_fc: Any
+    mlp_proj: Any
+
+    @classmethod
+    def of(cls, blk: Any) -> BlockOps:
+        attn, mlp = blk.attn, blk.mlp
+        return cls(
+            ln_1=direct_op(blk.ln_1),
+            c_attn=direct_op(attn.c_attn),
+            attn_proj=direct_op(attn.c_proj),
+            ln_2=direct_op(blk.ln_2),
+            c_fc=direct_op(mlp.c_fc),
+            mlp_proj=direct_op(mlp.c_proj),
+        )
+
+
+def direct_op(module: Any) -> Any:
+    """``module``'s forward for a 2-D input as one call to its kernel, without
+    ``nn.Module.__call__`` and the layer's own checks: ~100 such calls make a decode step, and
+    skipping that machinery took a step from 12.2 to 11.0 ms (one stream) and 18.7 to 16.8 ms
+    (eight), int8, in-process. The same kernel and arguments the module's forward uses; any
+    other module is called as it is."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    packed = getattr(module, "_packed_params", None)
+    if packed is not None and getattr(packed, "dtype", None) == torch.qint8:
+        params, op = packed._packed_params, torch.ops.quantized.linear_dynamic
+        if module.version is None or module.version < 4:
+            return lambda x: op(x, params)
+        return lambda x: op(x, params, reduce_range=True)  # as its forward (version 4+)
+    if type(module) is nn.LayerNorm:
+        shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    if type(module) is Conv1D and module.bias is not None:
+        weight, bias = module.weight, module.bias
+        return lambda x: torch.addmm(bias, x, weight)
+    return module
 
 
 def _plus_lora(y: Any, h: Any, layer: int, target: str, lora: Lora) -> Any:

@@ -212,3 +212,34 @@ def test_batched_top_k_samples_as_each_sequence_alone(tiny_model_dir):
         assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
         for x, y in zip(a.tokens, b.tokens, strict=True):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_direct_ops_compute_what_the_modules_do():
+    # The runner calls each layer's kernel directly (no nn.Module call machinery): the same
+    # numbers as the module's own forward, for every kind of layer a GPT-2 step runs, fp32 and
+    # int8; anything else is the module itself.
+    import warnings
+
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from serving.model import direct_op
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    conv = Conv1D(24, 16)
+    nn.init.normal_(conv.bias)
+    linear, norm = nn.Linear(16, 24), nn.LayerNorm(16, eps=1e-3)
+    nn.init.normal_(norm.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(nn.Linear(16, 24)), {nn.Linear}, dtype=torch.qint8
+        )[0]
+    with torch.inference_mode():
+        for module in (conv, linear, norm, int8):
+            fast = direct_op(module)
+            assert fast is not module, type(module)
+            torch.testing.assert_close(fast(x), module(x), rtol=0, atol=0)
+    other = nn.GELU()
+    assert direct_op(other) is other
