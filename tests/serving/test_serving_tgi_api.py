@@ -419,6 +419,11 @@ def test_completions_as_tgi(client):
     _, events = stream_events(
         client, "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2, "stream": True}
     )
-    assert [c["choices"][0]["index"] for c in events[:-1]] == [0, 0, 1, 1] and events[
-        -1
-    ] == "[DONE]"
+    # One prompt after the other, each up to its 2 tokens (fewer if it samples EOS) and ending
+    # with its finish reason, then [DONE].
+    indices = [c["choices"][0]["index"] for c in events[:-1]]
+    assert indices == sorted(indices) and set(indices) == {0, 1} and events[-1] == "[DONE]"
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in events[:-1] if c["choices"][0]["index"] == i]
+        assert 1 <= len(mine) <= 2 and mine[-1]["finish_reason"] in ("length", "eos_token")
+        assert all(c["finish_reason"] == "" for c in mine[:-1])
