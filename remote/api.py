@@ -14,17 +14,38 @@ from invoke import Exit
 
 
 def generate(
-    url: str, api_key: str | None, inputs: str, max_new_tokens: int, timeout: float = 300
+    url: str,
+    api_key: str | None,
+    inputs: str,
+    max_new_tokens: int,
+    timeout: float = 300,
+    model: str = "",
 ) -> dict[str, Any]:
-    """``POST /generate``; the response body, or an `Exit` that says what went wrong."""
+    """``POST /generate`` (to served ``model``, by TGI's ``adapter_id``; "": the default one);
+    the response body, or an `Exit` that says what went wrong."""
+    parameters: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    if model:
+        parameters["adapter_id"] = model
+    return _call(url, api_key, "/generate", {"inputs": inputs, "parameters": parameters}, timeout)
+
+
+def served_models(url: str, api_key: str | None, timeout: float = 30) -> list[dict[str, Any]]:
+    """``GET /v1/models``: the ids a server serves; the native server adds each one's
+    ``prompt_format`` (null for a model that never learned one)."""
+    return list(_call(url, api_key, "/v1/models", None, timeout).get("data") or [])
+
+
+def _call(
+    url: str, api_key: str | None, path: str, body: dict[str, Any] | None, timeout: float
+) -> dict[str, Any]:
+    """A POST with ``body`` (a GET without); the JSON answer, or an `Exit` saying what failed."""
     if not url.startswith(("http://", "https://")):  # so urlopen never reads file: URLs
         raise Exit(f"--url {url!r}: the API is spoken over http:// or https:// only.")
-    body = json.dumps({"inputs": inputs, "parameters": {"max_new_tokens": max_new_tokens}})
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    endpoint = f"{url}/generate"
-    request = urllib.request.Request(endpoint, data=body.encode(), headers=headers)  # noqa: S310
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}{path}", data=data, headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             return json.loads(response.read())

@@ -467,27 +467,54 @@ def _render_clients(where: Target, url: str, api_key: str, fmt: dict | None) -> 
         text="what to ask",
         max_tokens="the most tokens to generate",
         raw="send the text as is (the default for a model without prompt_format.json)",
+        model="which served run to ask, when `fab serve --run A --run B` served several "
+        "(default: the first)",
         url="API base URL (default: what `fab serve` served; e.g. the `fab tunnel` port)",
     ),
 )
 def prompt(
-    c, text, max_tokens=64, raw=False, url="", target="", stack="", host="", user="", key=""
+    c,
+    text,
+    max_tokens=64,
+    raw=False,
+    model="",
+    url="",
+    target="",
+    stack="",
+    host="",
+    user="",
+    key="",
 ):
-    """Ask the served model one question through the API (POST /generate)."""
+    """Ask a served model one question through the API (POST /generate)."""
     from remote.api import generate
     from remote.serve import api_key, load_served
 
     where = resolve(target, stack, host, user, key)
     served = load_served(where)
     base = (url or served.get("url") or where.api_url).rstrip("/")
-    if raw or (served and not served.get("prompt_format")):
+    secret = api_key(where)
+    fmt = _prompt_format_of(base, secret, model) if model else served.get("prompt_format")
+    if raw or ((served or model) and not fmt):
         inputs = text  # a pretrained-only model never learned the instruction format
     else:
         from remote.jobs.prompts import format_prompt
 
         inputs = format_prompt(text)
-    answer = generate(base, api_key(where), inputs, int(max_tokens))
+    answer = generate(base, secret, inputs, int(max_tokens), model=model)
     print(answer.get("generated_text", "").strip())
+
+
+def _prompt_format_of(url: str, secret: str | None, model: str) -> dict | None:
+    """The prompt format the server reports for ``model``; an `Exit` naming what it serves if
+    ``model`` is not among them."""
+    from remote.api import served_models
+
+    cards = served_models(url, secret)
+    for card in cards:
+        if card.get("id") == model:
+            return card.get("prompt_format")
+    ids = ", ".join(repr(c.get("id")) for c in cards) or "nothing"
+    raise Exit(f"--model {model!r} is not served at {url}; it serves {ids}. See `fab status`.")
 
 
 @task(

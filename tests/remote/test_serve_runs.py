@@ -1,8 +1,8 @@
 """`fab serve --run A --run B --with-base`: several runs from one server, on --target local.
 
 A tiny pretrain, a LoRA fine-tune and a full fine-tune of it, served together: each answers
-under its run's name, an unknown name gets TGI's 422, and a set the server would refuse stops
-`fab serve` before the running server is touched.
+under its run's name (through the API and `fab prompt --model`), an unknown name gets TGI's 422,
+and a set the server would refuse stops `fab serve` before the running server is touched.
 """
 
 from __future__ import annotations
@@ -70,6 +70,13 @@ def test_several_runs_from_one_server_each_by_its_name(fab, local):
             "adapter_id": "ft-nope"}})  # fmt: skip
         assert code == 422 and body["error_type"] == "validation"
         assert "'ft-nope' is not served here" in body["error"] and "ft-full" in body["error"]
+        # `fab prompt --model` asks any of them, in the format its model learned (none: raw)
+        for name in ("ft-full", "pre"):
+            asked = fab(local, "prompt", "Name a colour.", "--model", name, "--max-tokens", "3")
+            assert asked.code == 0 and not asked.err.strip(), (name, asked.text)
+        nope = fab(local, "prompt", "hi", "--model", "ft-nope")
+        assert nope.code == 1 and "--model 'ft-nope' is not served" in nope.err
+        assert "'ft-lora', 'ft-full', 'pre'" in nope.err
         saved = json.loads((Path(local["TINYCLOUD_HOME"]) / "local" / "served.json").read_text())
         assert saved["runs"] == ["ft-lora", "ft-full"] and saved["run"] == "ft-lora"
 
