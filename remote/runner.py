@@ -192,18 +192,44 @@ class SshRunner(Runner):
         self.conn.close()
 
 
+# Waits before trying again when sshd took the connection and dropped it: a booting host does
+# that while cloud-init regenerates host keys and restarts sshd (the port is open, the daemon
+# is not yet serving). Anything else (refused, timed out, a wrong key) is explained at once.
+RESET_RETRY_DELAYS_S = (2.0, 4.0, 8.0)
+
+
 def connect(target: Target) -> Runner:
     """A runner for ``target``; for SSH, a clear `Exit` when the host cannot be reached."""
+    import time
+
     if target.local:
         return LocalRunner(target.state_dir / "work")
-    conn = _connection(target)
-    try:
-        conn.open()
-    except Exception as err:  # paramiko and the socket layer raise many kinds; all get explained
-        from remote.diagnose import explain_connect_error
+    for delay in (*RESET_RETRY_DELAYS_S, None):
+        conn = _connection(target)
+        try:
+            conn.open()
+            return SshRunner(conn, target)
+        except Exception as err:  # paramiko and the socket layer raise many kinds; all explained
+            if delay is None or not _dropped(err):
+                from remote.diagnose import explain_connect_error
 
-        raise Exit(explain_connect_error(target, err)) from None
-    return SshRunner(conn, target)
+                raise Exit(explain_connect_error(target, err)) from None
+            conn.close()
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _dropped(err: BaseException) -> bool:
+    """Whether sshd accepted the connection and then dropped it (reset, or closed before its
+    banner): what a host restarting its sshd looks like."""
+    import paramiko
+
+    if isinstance(err, ConnectionResetError | EOFError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, paramiko.SSHException) and (
+        "connection reset" in text or "error reading ssh protocol banner" in text
+    )
 
 
 def _connection(target: Target) -> Any:

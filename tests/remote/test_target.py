@@ -184,3 +184,51 @@ def test_fab_console_script_runs_from_the_repository_root():
     )
     assert done.returncode == 0, done.stderr
     assert "--args=STRING" in done.stdout and "--resume" in done.stdout
+
+
+def test_a_host_that_drops_the_connection_is_tried_again_then_explained(monkeypatch, tmp_path):
+    # A booting host's sshd takes the connection and resets it while cloud-init restarts it:
+    # connect tries again a few times (a real socket that resets, a real paramiko client), and
+    # then explains, as for any host it cannot reach. A refused port is explained at once.
+    import dataclasses
+    import socket
+    import struct
+    import threading
+
+    from remote import runner
+    from remote.target import Target
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted: list[int] = []
+
+    def reset_every_connection() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # an RST, not a FIN
+
+    threading.Thread(target=reset_every_connection, daemon=True).start()
+    monkeypatch.setattr(runner, "RESET_RETRY_DELAYS_S", (0.05, 0.05))
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    port = server.getsockname()[1]
+    target = Target(name="h", host="127.0.0.1", port=port, user="ubuntu", known_hosts=known)
+    with pytest.raises(Exit) as dropped:
+        runner.connect(target)
+    assert len(accepted) == 3  # the first try and the two retries
+    assert "cannot reach ubuntu@127.0.0.1" in str(dropped.value)
+    server.close()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    nobody = dataclasses.replace(target, port=closed.getsockname()[1])
+    closed.close()
+    monkeypatch.setattr(runner, "RESET_RETRY_DELAYS_S", (30.0,))  # a retry would time out
+    with pytest.raises(Exit) as refused:  # nothing listens there: explained at once
+        runner.connect(nobody)
+    assert "connection refused" in str(refused.value)
