@@ -193,9 +193,10 @@ class SshRunner(Runner):
 
 
 # Waits before trying again when sshd took the connection and dropped it: a booting host does
-# that while cloud-init regenerates host keys and restarts sshd (the port is open, the daemon
-# is not yet serving). Anything else (refused, timed out, a wrong key) is explained at once.
-RESET_RETRY_DELAYS_S = (2.0, 4.0, 8.0)
+# that while cloud-init writes its host keys and restarts sshd (the port is open, then closed
+# for a moment, then open again). Once a connection was dropped, a refused one is that restart
+# too; otherwise a refusal, a timeout or a wrong key is explained at once.
+RESET_RETRY_DELAYS_S = (2.0, 4.0, 8.0, 16.0)
 
 
 def connect(target: Target) -> Runner:
@@ -204,19 +205,26 @@ def connect(target: Target) -> Runner:
 
     if target.local:
         return LocalRunner(target.state_dir / "work")
+    dropped = False
     for delay in (*RESET_RETRY_DELAYS_S, None):
         conn = _connection(target)
         try:
             conn.open()
             return SshRunner(conn, target)
         except Exception as err:  # paramiko and the socket layer raise many kinds; all explained
-            if delay is None or not _dropped(err):
+            dropped = dropped or _dropped(err)
+            restarting = dropped and (_dropped(err) or _refused(err))
+            if delay is None or not restarting:
                 from remote.diagnose import explain_connect_error
 
                 raise Exit(explain_connect_error(target, err)) from None
             conn.close()
             time.sleep(delay)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _refused(err: BaseException) -> bool:
+    return isinstance(err, ConnectionRefusedError) or "Unable to connect" in str(err)
 
 
 def _dropped(err: BaseException) -> bool:

@@ -214,7 +214,7 @@ def test_a_host_that_drops_the_connection_is_tried_again_then_explained(monkeypa
             conn.close()  # an RST, not a FIN
 
     threading.Thread(target=reset_every_connection, daemon=True).start()
-    monkeypatch.setattr(runner, "RESET_RETRY_DELAYS_S", (0.05, 0.05))
+    monkeypatch.setattr(runner, "RESET_RETRY_DELAYS_S", (0.05, 0.05))  # two retries
     known = tmp_path / "known_hosts"
     known.write_text("")
     port = server.getsockname()[1]
