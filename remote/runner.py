@@ -224,7 +224,9 @@ def connect(target: Target) -> Runner:
 
 
 def _refused(err: BaseException) -> bool:
-    return isinstance(err, ConnectionRefusedError) or "Unable to connect" in str(err)
+    from remote.diagnose import _reason
+
+    return _reason(err) == "connection refused"
 
 
 def _dropped(err: BaseException) -> bool:

@@ -81,19 +81,17 @@ def _tree_parts(
     import torch
     from torch.nn import functional as F
 
-    spans = list(pairwise(bounds))
+    from remote.jobs.sft_batches import segment_paths
+
     parts = []
-    for s, (a, b) in enumerate(spans):
-        path, p = [(a, b)], parents[s]
-        while p >= 0:
-            path.append(spans[p])
-            p = parents[p]
+    for path in segment_paths(bounds, parents):
+        a, b = path[-1]
         q = query[:, :, a:b]
         if len(path) == 1:
             k, v, mask, causal = key[:, :, a:b], value[:, :, a:b], None, True
         else:
-            k = torch.cat([key[:, :, x:y] for x, y in reversed(path)], dim=2)
-            v = torch.cat([value[:, :, x:y] for x, y in reversed(path)], dim=2)
+            k = torch.cat([key[:, :, x:y] for x, y in path], dim=2)
+            v = torch.cat([value[:, :, x:y] for x, y in path], dim=2)
             n = k.shape[2]
             mask = torch.ones(b - a, n, dtype=torch.bool, device=q.device).tril(n - (b - a))
             causal = False

@@ -262,6 +262,20 @@ def _prefix_tree(
     return shared, leaves
 
 
+def segment_paths(bounds: list[int], parents: list[int] | None) -> list[list[tuple[int, int]]]:
+    """Each segment's token ranges, root first and its own last: the keys it attends to in a
+    ``share_prefixes`` row (``parents`` None: each segment alone)."""
+    spans = list(pairwise(bounds))
+    paths = []
+    for s, span in enumerate(spans):
+        path, p = [span], (parents[s] if parents else -1)
+        while p >= 0:
+            path.append(spans[p])
+            p = parents[p]
+        paths.append(path[::-1])
+    return paths
+
+
 def attention_spans(batch: dict[str, Any]) -> list[tuple[int, int]]:
     """(queries, keys) of each attention a batch computes, per layer: an example's length twice
     when packed, a shared prefix's ancestors added to its keys, a padded row's length twice.
@@ -269,17 +283,10 @@ def attention_spans(batch: dict[str, Any]) -> list[tuple[int, int]]:
     ids = batch["input_ids"]
     if "cu_seq_lens_q" not in batch:
         return [(ids.shape[1], ids.shape[1])] * ids.shape[0]
-    bounds = batch["cu_seq_lens_q"].tolist()
-    sizes = [b - a for a, b in pairwise(bounds)]
     parents = batch.get(PARENTS)
-    parents = [-1] * len(sizes) if parents is None else parents.tolist()
-    spans = []
-    for s, n in enumerate(sizes):
-        keys, p = n, parents[s]
-        while p >= 0:
-            keys, p = keys + sizes[p], parents[p]
-        spans.append((n, keys))
-    return spans
+    tree = None if parents is None else parents.tolist()
+    paths = segment_paths(batch["cu_seq_lens_q"].tolist(), tree)
+    return [(path[-1][1] - path[-1][0], sum(b - a for a, b in path)) for path in paths]
 
 
 def rebalance(batches: list[dict[str, Any]], pad_id: int) -> list[dict[str, Any]]:
