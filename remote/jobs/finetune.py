@@ -273,9 +273,10 @@ def make_trainer(
                 self.tokens_seen += int(mask.sum() if mask is not None else b["input_ids"].numel())
             if not packing:
                 return (batches if pad_to else rebalance(batches, tok.pad_token_id)), items
-            if pack_tokens:
-                batches = merge_packed(batches, pack_tokens)
-            return ([share_prefixes(b) if b else b for b in batches] if share else batches), items
+            shape = share_prefixes if share else None
+            if pack_tokens:  # the cap counts the tokens computed: after sharing
+                return merge_packed(batches, pack_tokens, shape), items
+            return ([shape(b) for b in batches] if shape else batches), items
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if not inputs:  # merge_packed moved its examples into a later micro-batch

@@ -33,7 +33,7 @@ what is learned (bench/train_throughput.py measures it):
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -129,7 +129,11 @@ PACKED_KEYS = {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_l
                "max_length_q", "max_length_k"}  # what FlattenBatch makes  # fmt: skip
 
 
-def merge_packed(batches: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
+def merge_packed(
+    batches: list[dict[str, Any]],
+    max_tokens: int,
+    shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """One optimizer step's packed rows joined into as few rows of at most ``max_tokens`` as
     fit, in order; each row joined into a later one leaves an empty dict in its place (a
     micro-batch with nothing to compute), so the
@@ -141,21 +145,29 @@ def merge_packed(batches: list[dict[str, Any]], max_tokens: int) -> list[dict[st
     again, every gradient added into the last one's, the per-call overhead of ~100 operations.
     The gradient is a sum over the step's loss tokens (``num_items``), so how the tokens are
     split does not change it; a row of ``max_tokens`` is what the memory plan allowed for
-    (finetune: --batch-size examples as long as the longest). Anything else comes back as it
+    (finetune: --batch-size examples as long as the longest).
+
+    ``shape`` (e.g. ``share_prefixes``) is what becomes of a row before it is computed: every
+    row comes back shaped, and the cap counts the tokens of the shaped row, the ones whose
+    activations the memory plan is about. Anything that is not packed rows comes back as it
     came.
     """
     if len(batches) < 2 or any(set(b) != PACKED_KEYS for b in batches):
-        return batches
-    groups: list[list[dict[str, Any]]] = []
-    for b in batches:
-        n = b["input_ids"].shape[1]
-        if groups and sum(g["input_ids"].shape[1] for g in groups[-1]) + n <= max_tokens:
+        return batches if shape is None else [shape(b) for b in batches]
+    shape = shape or (lambda row: row)
+    groups: list[list[dict[str, Any]]] = [[batches[0]]]
+    rows = [shape(batches[0])]
+    for b in batches[1:]:
+        joined = shape(_join_packed([*groups[-1], b]))
+        if joined["input_ids"].shape[1] <= max_tokens:
             groups[-1].append(b)
+            rows[-1] = joined
         else:
             groups.append([b])
-    if len(groups) == len(batches):
+            rows.append(shape(b))
+    if len(groups) == len(batches) and all(r is b for r, b in zip(rows, batches, strict=True)):
         return batches
-    return [{} for _ in range(len(batches) - len(groups))] + [_join_packed(g) for g in groups]
+    return [{} for _ in range(len(batches) - len(groups))] + rows
 
 
 def _join_packed(rows: list[dict[str, Any]]) -> dict[str, Any]:

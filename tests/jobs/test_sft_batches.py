@@ -307,6 +307,27 @@ def test_shared_prefixes_store_each_prompt_beginning_once():
     assert share_prefixes(padded) is padded
 
 
+def test_merge_packed_counts_the_tokens_left_after_sharing():
+    # Two micro-batches of 2 examples of 11 tokens, all starting with the same 8 prompt
+    # tokens: 44 tokens joined, 8 + 4 x 3 = 20 once that start is stored once. A cap of 24
+    # joins them only when it counts the shared row: what is computed, and what the memory
+    # plan is about.
+    start = list(range(1, 9))
+    examples = [_example(start + [20 + i], [40 + i, 41]) for i in range(4)]
+    rows = [FlattenBatch()(examples[:2]), FlattenBatch()(examples[2:])]
+    assert [r["input_ids"].shape[1] for r in rows] == [22, 22]
+    assert merge_packed(rows, max_tokens=24) is rows  # raw: 44 > 24
+    merged = merge_packed(rows, max_tokens=24, shape=share_prefixes)
+    assert merged[0] == {} and len(merged) == 2
+    whole = share_prefixes(FlattenBatch()(examples))
+    for key in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "segment_parents"):
+        assert torch.equal(merged[1][key], whole[key]), key  # shaped, as the caller computes it
+    assert whole["input_ids"].shape[1] == 20
+    apart = merge_packed(rows, max_tokens=15, shape=share_prefixes)  # 20 > 15: each alone
+    assert [r["input_ids"].shape[1] for r in apart] == [14, 14]
+    assert all("segment_parents" in r for r in apart)
+
+
 def test_shared_prefix_rows_give_the_same_losses_and_gradient(tiny):
     from remote.jobs.models import set_dropout
     from remote.jobs.packed_attention import can_share_prefixes, use_packed_attention
