@@ -123,6 +123,7 @@ def _mask(path: list[tuple[int, int]], device: Any) -> Any:
     return torch.ones(own, n, dtype=torch.bool, device=device).tril(n - own)
 
 
+@cache
 def _cpu_kernels() -> bool:
     """Whether this torch exposes SDPA's CPU flash kernel and its backward as operators."""
     import torch
