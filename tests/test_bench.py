@@ -34,3 +34,34 @@ def test_train_flops_count_the_tokens_and_spans_computed():
     assert shared["forward"] < plain["forward"] and shared["backward"] < plain["backward"]
     lora = train_flops(cfg, [(5, 5), (4, 4)], logit_positions=3, lora=True)
     assert lora["forward"] == plain["forward"] and lora["backward"] < plain["backward"]
+
+
+def test_train_bench_steps_keep_their_optimizer(tiny_model_dir, tmp_path):
+    # Each timed step is a fresh Trainer; the optimizer must carry over, as in a run, so no
+    # timed step but the warm-up allocates and zeroes AdamW's moments.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.train_throughput import course_step, ours_args, ours_step
+    from remote.jobs.finetune import prepare_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token
+    rows = [
+        {"instruction": f"Name colour number {i}.", "input": "", "output": "Blue and green."}
+        for i in range(16)
+    ]
+    args = ours_args([])
+    ours = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), args)
+    course = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for step in (
+        lambda state: course_step(course, tok, rows, tmp_path, state),
+        lambda state: ours_step(ours, tok, rows, tmp_path, args, 10**4, state),
+    ):
+        state: dict = {}
+        first, _ = step(state)
+        optimizer = state["optimizer"]
+        second, _ = step(state)
+        assert state["optimizer"] is optimizer  # handed to the second Trainer, not remade
+        steps = {float(s["step"]) for s in optimizer.state.values()}
+        assert steps == {2.0}, steps  # every parameter's moments took both steps
+        assert first["wall"] > 0 and second["wall"] > 0
