@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     states: dict[str, dict] = {n: {} for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds + 1):
-            batch = rows[max(r - 1, 0) * per_step : max(r, 1) * per_step]
+            first = (r - 1) * per_step if r else 0  # the warm-up steps on round 1's examples
+            batch = rows[first : first + per_step]
             for name in names:
                 if name == "course":
                     t, info = course_step(models[name], tok, batch, Path(tmp), states[name])

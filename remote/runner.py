@@ -212,8 +212,9 @@ def connect(target: Target) -> Runner:
             conn.open()
             return SshRunner(conn, target)
         except Exception as err:  # paramiko and the socket layer raise many kinds; all explained
-            dropped = dropped or _dropped(err)
-            restarting = dropped and (_dropped(err) or _refused(err))
+            this_dropped = _dropped(err)
+            restarting = this_dropped or (dropped and _refused(err))
+            dropped = dropped or this_dropped
             if delay is None or not restarting:
                 from remote.diagnose import explain_connect_error
 

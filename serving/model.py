@@ -216,7 +216,7 @@ class GPT2Runner:
         self.vocab_size = cfg.vocab_size
         self.slots = slots
         self.max_len = max_len
-        self.wte, self.wpe, self.ln_f, self.lm_head = tr.wte, tr.wpe, tr.ln_f, hf.lm_head
+        self.wte, self.wpe = tr.wte, tr.wpe
         self.blocks = list(tr.h)
         # each step calls the weights' kernels directly (see direct_op)
         self.ops = [BlockOps.of(blk) for blk in self.blocks]

@@ -159,10 +159,11 @@ def _segment_attention() -> Any:
     class SegmentAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, query: Any, key: Any, value: Any, paths: list, scale: Any) -> Any:
-            out, saved = swapped(query), []
+            out, saved, ctx.masks = swapped(query), [], []
             for path in paths:
                 a, b = path[-1]
                 mask = additive(path, query)
+                ctx.masks.append(mask)  # for the backward, not built again
                 o, lse = kernel(query[:, :, a:b], _keys(key, path), _keys(value, path), 0.0,
                                 mask is None, attn_mask=mask, scale=scale)  # fmt: skip
                 out[:, a:b] = o.transpose(1, 2)
@@ -175,9 +176,9 @@ def _segment_attention() -> Any:
         def backward(ctx: Any, grad: Any) -> tuple:
             query, key, value, *saved = ctx.saved_tensors
             dq, dk, dv = swapped(query), swapped(key).zero_(), swapped(value).zero_()
-            for path, o, lse in zip(ctx.paths, saved[::2], saved[1::2], strict=True):
+            for path, mask, o, lse in zip(ctx.paths, ctx.masks, saved[::2], saved[1::2],
+                                          strict=True):  # fmt: skip
                 a, b = path[-1]
-                mask = additive(path, query)
                 gq, gk, gv = kernel_back(grad[:, a:b].transpose(1, 2), query[:, :, a:b],
                                          _keys(key, path), _keys(value, path), o, lse, 0.0,
                                          mask is None, attn_mask=mask, scale=ctx.scale)  # fmt: skip

@@ -165,9 +165,9 @@ def merge_packed(
         else:
             groups.append([b])
             rows.append(shape(b))
-    if len(groups) == len(batches) and all(r is b for r, b in zip(rows, batches, strict=True)):
-        return batches
-    return [{} for _ in range(len(batches) - len(groups))] + rows
+    if len(rows) == len(batches) and all(r is b for r, b in zip(rows, batches, strict=True)):
+        return batches  # nothing joined, nothing shaped
+    return [{} for _ in range(len(batches) - len(rows))] + rows
 
 
 def _join_packed(rows: list[dict[str, Any]]) -> dict[str, Any]:
