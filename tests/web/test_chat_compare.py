@@ -111,18 +111,6 @@ def requests_for(chat, model: str | None) -> list[dict]:
     return [r for r in chat.requests if r["parameters"].get("adapter_id") == model]
 
 
-def seeded(chat, seed: int = 0) -> None:
-    """Add a sampling seed to every /generate_stream request the page sends, so what the
-    model samples (and so which probability buckets its tokens fall in) is the same each run."""
-
-    def add_seed(route) -> None:
-        body = json.loads(route.request.post_data)
-        body["parameters"]["seed"] = seed
-        route.continue_(post_data=json.dumps(body))
-
-    chat.page.route("**/generate_stream", add_seed)
-
-
 # --- compare mode ---------------------------------------------------------------------------
 
 
@@ -239,8 +227,8 @@ def test_token_view_shows_what_the_model_weighed_while_streaming(compare_server,
     compare(chat, SHARP)
     chat.page.check("#colour-tokens")  # colours turn the token view on too
     assert chat.page.is_checked("#show-tokens") and chat.page.is_visible("#token-legend")
-    chat.set(max_new_tokens=40, top_n_tokens=5, **SAMPLING)
-    seeded(chat)  # the page sends no seed: the buckets asserted below must not hang on luck
+    # Seeded (Settings → Seed), so the buckets asserted below do not hang on luck.
+    chat.set(max_new_tokens=40, top_n_tokens=5, seed=0, **SAMPLING)
     # At the first token of each column, from inside the page (so, mid-stream for certain):
     # focus it and note what the tip shows.
     chat.page.evaluate(
@@ -269,6 +257,9 @@ def test_token_view_shows_what_the_model_weighed_while_streaming(compare_server,
         assert s["alternatives"] == 5 and s["head"].startswith("“")
         assert "; weighed " in s["label"] and s["label"].count("%") == 6
     assert requests_for(chat, None)[-1]["parameters"]["top_n_tokens"] == 5
+    # Every column draws with the seed the settings say.
+    both = requests_for(chat, None) + requests_for(chat, SHARP)
+    assert len(both) >= 2 and {r["parameters"]["seed"] for r in both} == {0}
 
     # Each token: shown with its probability's bucket, named for a screen reader, its
     # alternatives sorted and (where it is among them) carrying its own logprob.

@@ -95,10 +95,15 @@ def test_one_model_is_the_plain_page_and_its_tokens_can_be_inspected(server, ope
     chat.page.screenshot(path=str(ARTIFACTS / "token-view-one-model.png"))
 
 
+STREAM_SEED = 1
+
+
 def test_message_streams_token_by_token(server, open_chat, tmp_path):
     chat = open_chat(server)
     chat.wait_online()
-    chat.set(max_new_tokens=120, **SAMPLING)  # a long stream: it arrives in parts
+    # A long stream, so it arrives in parts; seeded, because an unseeded draw from the random
+    # model may end early or hold its text back (bytes that are not yet characters) to the end.
+    chat.set(max_new_tokens=120, seed=STREAM_SEED, **SAMPLING)
     # Record each state the answer's text went through, and in how many separate moments.
     chat.page.evaluate(
         """() => { window.before = []; window.moments = 0;
@@ -130,6 +135,7 @@ def test_message_streams_token_by_token(server, open_chat, tmp_path):
     assert sent["inputs"] == expected_prompt("line one\nline two")
     assert sent["parameters"]["max_new_tokens"] == 120
     assert sent["parameters"]["do_sample"] is True
+    assert sent["parameters"]["seed"] == STREAM_SEED
     assert chat.page.text_content("#last-prompt") == sent["inputs"]
 
     # A second turn carries the first, closed with EOS, in the trained format. (The random
@@ -208,6 +214,7 @@ def test_settings_persist_and_reach_the_request(server, open_chat):
         top_k=7,
         repetition_penalty=1.3,
         top_n_tokens=3,
+        seed=12345,
         stop="END\n\\n",
         system="Be brief.",
     )
@@ -223,6 +230,7 @@ def test_settings_persist_and_reach_the_request(server, open_chat):
         "top_k": "7",
         "repetition_penalty": "1.3",
         "top_n_tokens": "3",
+        "seed": "12345",
         "stop": "END\n\\n",
         "system": "Be brief.",
     }
@@ -243,12 +251,14 @@ def test_settings_persist_and_reach_the_request(server, open_chat):
         "temperature": 0.3,
         "top_p": 0.8,
         "top_k": 7,
+        "seed": 12345,
         "details": True,
         "stop": ["END", "\n", PROMPT_FORMAT["stop"]],
     }
     chat.page.click("#reset-settings")
     chat.page.reload()
     assert chat.page.input_value("#set-max_new_tokens") == "200"
+    assert chat.page.input_value("#set-seed") == ""  # the default: a fresh draw each time
     assert chat.bubbles()[0] == "Hi"  # the conversation survives a reload too
 
 
@@ -533,7 +543,7 @@ def test_export_clear_load_and_regenerate(server, open_chat, tmp_path):
     chat = open_chat(server)
     chat.context.grant_permissions(["clipboard-read", "clipboard-write"])
     chat.wait_online()
-    chat.set(max_new_tokens=6, **SAMPLING)
+    chat.set(max_new_tokens=6, seed=7, **SAMPLING)  # seeded: Regenerate gives the same answer
     chat.send('first ✓ "quoted"')
     first = chat.wait_answer()
     chat.page.click("#log .assistant .copy")
@@ -544,6 +554,7 @@ def test_export_clear_load_and_regenerate(server, open_chat, tmp_path):
     assert exported["format"] == "tinycloud-chat"
     assert [m["content"] for m in exported["messages"]] == ['first ✓ "quoted"', first["text"]]
     assert exported["messages"][1]["meta"]["finish_reason"] == first["finish"]
+    assert exported["settings"]["seed"] == 7  # the export says how to draw the answer again
     assert API_KEY not in json.dumps(exported)
 
     chat.page.click("#clear")
@@ -563,6 +574,8 @@ def test_export_clear_load_and_regenerate(server, open_chat, tmp_path):
     assert len(chat.requests) == n + 1
     assert chat.requests[-1]["inputs"] == chat.requests[0]["inputs"]  # the same question again
     assert again["finish"] in FINISH_REASONS and len(chat.bubbles()) == 2
+    assert chat.requests[-1]["parameters"]["seed"] == 7
+    assert again["text"] == first["text"]  # the same seed, settings and model: the same answer
 
     prompt = tmp_path / "prompt.json"
     prompt.write_text(json.dumps({"instruction": "Name a color.", "input": "warm"}))

@@ -5,7 +5,7 @@
 
   const DEFAULTS = Object.freeze({
     max_new_tokens: 200, temperature: 0.7, top_p: 0.95, top_k: 50, repetition_penalty: 1.1,
-    top_n_tokens: 5, stop: "", system: "",
+    top_n_tokens: 5, seed: "", stop: "", system: "",
   });
   const NUMBER_SETTINGS = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "top_n_tokens"];
   const MAX_STOP_SEQUENCES = 4; // TGI's limit
@@ -64,12 +64,17 @@
   }
 
   // The settings a request uses, from the form's values as typed: a number setting left empty or
-  // not a number takes its default.
+  // not a number takes its default. The seed is null when empty (a fresh draw each time), a
+  // number when it is a whole number a JavaScript number holds exactly, and otherwise the text as
+  // typed, so the server's 422 says what is wrong with it.
   function parseSettings(raw) {
     const out = {};
     for (const key of Object.keys(DEFAULTS)) {
       const text = String(raw[key] ?? "");
-      if (NUMBER_SETTINGS.includes(key)) {
+      if (key === "seed") {
+        const n = text.trim() === "" ? null : Number(text);
+        out.seed = n === null ? null : Number.isSafeInteger(n) ? n : text;
+      } else if (NUMBER_SETTINGS.includes(key)) {
         const n = text.trim() === "" ? NaN : Number(text);
         out[key] = Number.isFinite(n) ? n : DEFAULTS[key];
       } else {
@@ -89,7 +94,8 @@
     return all;
   }
 
-  // TGI's `parameters`: temperature 0 means greedy, top-p 1 and top-k 0 are left out (off).
+  // TGI's `parameters`: temperature 0 means greedy, top-p 1 and top-k 0 are left out (off), and
+  // a seed goes only with sampling (a greedy answer draws nothing).
   // `topN`: the alternatives to ask for per token (0 or less: none, and the field is left out, so
   // a server without `top_n_tokens` is not asked for it); `adapterId`: the served model to use
   // where there are several (none: the server's own, /info's model).
@@ -107,6 +113,7 @@
       p.temperature = settings.temperature;
       if (settings.top_p !== 1) p.top_p = settings.top_p;
       if (settings.top_k !== 0) p.top_k = Math.trunc(settings.top_k);
+      if (![null, undefined, ""].includes(settings.seed)) p.seed = settings.seed; // "": the default
     } else {
       p.do_sample = false;
     }

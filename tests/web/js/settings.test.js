@@ -24,7 +24,7 @@ const storeOf = (entries) => {
 };
 const TYPED = {
   max_new_tokens: "64", temperature: "0", top_p: "0.5", top_k: "", repetition_penalty: "abc",
-  top_n_tokens: "3", stop: "###\\n\nEND", system: "Be brief. ☃",
+  top_n_tokens: "3", seed: "42", stop: "###\\n\nEND", system: "Be brief. ☃",
 };
 
 describe("settings in storage", () => {
@@ -86,12 +86,25 @@ describe("parseSettings", () => {
   it("reads numbers; an empty or bad number is the default; text stays as typed", () => {
     assert.deepEqual(parseSettings(TYPED), {
       max_new_tokens: 64, temperature: 0, top_p: 0.5, top_k: DEFAULTS.top_k,
-      repetition_penalty: DEFAULTS.repetition_penalty, top_n_tokens: 3, stop: "###\\n\nEND", system: "Be brief. ☃",
+      repetition_penalty: DEFAULTS.repetition_penalty, top_n_tokens: 3, seed: 42, stop: "###\\n\nEND",
+      system: "Be brief. ☃",
     });
-    assert.deepEqual(parseSettings({}), { ...DEFAULTS });
+    assert.deepEqual(parseSettings({}), { ...DEFAULTS, seed: null });
     assert.equal(parseSettings({ max_new_tokens: " 12 " }).max_new_tokens, 12);
     assert.equal(parseSettings({ max_new_tokens: "1e400" }).max_new_tokens, DEFAULTS.max_new_tokens);
     assert.equal(parseSettings({ temperature: "-1" }).temperature, -1); // the server says what is wrong
+  });
+
+  it("reads a seed: empty is none (a fresh draw), a whole number is sent, anything else as typed", () => {
+    assert.equal(parseSettings({ seed: "" }).seed, null);
+    assert.equal(parseSettings({ seed: "  " }).seed, null);
+    assert.equal(parseSettings({ seed: " 7 " }).seed, 7);
+    assert.equal(parseSettings({ seed: "0" }).seed, 0);
+    assert.equal(parseSettings({ seed: "-3" }).seed, -3); // the server says a seed cannot be negative
+    assert.equal(parseSettings({ seed: "1.5" }).seed, "1.5"); // ... or a fraction
+    // Past 2**53 a JavaScript number would round it and send another seed: sent as typed instead.
+    assert.equal(parseSettings({ seed: "9007199254740993" }).seed, "9007199254740993");
+    assert.equal(parseSettings({ seed: String(Number.MAX_SAFE_INTEGER) }).seed, Number.MAX_SAFE_INTEGER);
   });
 });
 
@@ -136,6 +149,14 @@ describe("generationParameters", () => {
     assert.equal(p.adapter_id, "sft-run");
     assert.equal("top_n_tokens" in generationParameters(values({}), 5, [], { topN: 0 }), false);
     assert.equal(generationParameters(values({}), 5, [], { topN: 2.9 }).top_n_tokens, 2);
+  });
+
+  it("sends a seed with sampling, and none when there is none or the answer is greedy", () => {
+    assert.equal(generationParameters(values({ seed: 42 }), 5, []).seed, 42);
+    assert.equal(generationParameters(values({ seed: 0 }), 5, []).seed, 0);
+    assert.equal(generationParameters(values({ seed: "1.5" }), 5, []).seed, "1.5");
+    assert.equal("seed" in generationParameters(values({ seed: null }), 5, []), false);
+    assert.equal("seed" in generationParameters(values({ seed: 42, temperature: 0 }), 5, []), false);
   });
 
   it("answers greedily at temperature 0, sending no sampling settings", () => {
