@@ -3,7 +3,8 @@ image (vm_harness), then driven with `fab` as the README tells a user to.
 
 The tests run in order on one booted machine (each step needs the one before): `fab setup`
 waiting for the first boot, what that boot did, the pinned host key, a fine-tune, serving, the
-chat page, Docker, and last the idle auto-stop with a reboot from the same disk.
+chat page, Docker, the idle auto-stop with a reboot from the same disk, the run-time cap's boot
+log, and last the cap stopping a job and powering the VM off.
 """
 
 from __future__ import annotations
@@ -470,3 +471,57 @@ def test_the_run_time_cap_logs_each_boot_and_minds_max_run_hours(booted_vm):
     said = vm.root("journalctl -u tinycloud-cap.service -o cat --no-pager").stdout
     assert f"of {MAX_RUN_HOURS * 60} min" in said and "powering off" not in said, said
     assert vm.machine.running
+
+
+CAP_KNOB = "tinycloud-cap.service.d/zz-test.conf"
+FAKE_UPTIME = "/run/tinycloud-test-uptime"
+
+
+def test_past_the_cap_the_running_job_checkpoints_and_the_vm_powers_off(fab, booted_vm):
+    """The cap for real, last (the VM stays off): past maxRunHours, tinycloud-cap, run as its
+    timer runs it, asks the running fine-tune to stop; the job saves a checkpoint and ends
+    interrupted (`--resume` carries on), and then the VM powers itself off. The test's knobs:
+    a cap of 1 hour, set as a user changes it on a running VM (the settings file), and the
+    uptime the cap reads (a file saying 61 minutes, by a systemd drop-in)."""
+    vm = booted_vm
+    flags = _finetune_flags(f"/home/{SSH_USER}/inbox/model", "--max-steps 5000")
+    started = fab(vm.env, "train", "finetune", "--name", "vm-capped", "--args", flags)
+    assert started.code == 0, started.text
+    run_dir = vm.home() / "tinycloud/runs/vm-capped"
+    wait_for("a step of the job", lambda: _run_field(run_dir, "step", 0) >= 1, 240, 1)
+    assert _run_field(run_dir, "status", "") == "running"
+
+    knob = vm.machine.root / "etc/systemd/system" / CAP_KNOB
+    knob.parent.mkdir(parents=True, exist_ok=True)
+    knob.write_text(f"[Service]\nEnvironment=TINYCLOUD_UPTIME_FILE={FAKE_UPTIME}\n")
+    vm.root(
+        f"echo '3660.00 0.00' > {FAKE_UPTIME}"
+        f" && sed -i 's/^TINYCLOUD_MAX_RUN_HOURS=.*/TINYCLOUD_MAX_RUN_HOURS=1/' {VM_SETTINGS}"
+        " && systemctl daemon-reload && systemctl start --no-block tinycloud-cap.service"
+    )
+    code = vm.machine.wait_stopped(300)
+    assert code == 0, f"not powered off ({code}):\n{vm.machine.console_tail()}"
+
+    # Read from the powered-off disk: the job stopped as asked, with a checkpoint to resume.
+    assert _run_field(run_dir, "status", "") == "interrupted", (run_dir / "run.json").read_text()
+    assert "got SIGTERM: stopping at the next safe point" in (run_dir / "train.log").read_text()
+    said = (run_dir / "console.log").read_text()  # the job's stderr, as `fab logs` shows it
+    assert "interrupted by SIGTERM; continue with --resume --name vm-capped" in said, said[-2000:]
+    saved = [c for c in (run_dir / "checkpoints").glob("checkpoint-*")
+             if (c / "trainer_state.json").is_file()]  # fmt: skip
+    assert saved, sorted(p.name for p in run_dir.rglob("*"))
+    journal = subprocess.run(
+        ["journalctl", "-D", str(vm.machine.root / "var/log/journal"), "-t", "tinycloud-cap",
+         "-o", "cat", "--no-pager"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    said = journal.stdout
+    assert "the cap is 1 h (maxRunHours): stopping" in said, journal.stdout + journal.stderr
+    assert said.index("asking job group") < said.index("powering off"), said
+
+
+def _run_field(run_dir: Path, key: str, default):
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get(key) or default
+    except (OSError, ValueError):
+        return default
