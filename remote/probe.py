@@ -143,9 +143,22 @@ def host_info(root: Path) -> dict:
     usage = shutil.disk_usage(root if root.exists() else Path.home())
     info["disk_total"], info["disk_free"] = usage.total, usage.free
     with contextlib.suppress(OSError, ValueError, IndexError):
-        info["uptime_s"] = float(Path("/proc/uptime").read_text().split()[0])
+        info["uptime_s"] = machine_uptime()
     info["now"] = time.time()
     return info
+
+
+def machine_uptime() -> float:
+    """Seconds since this machine's init (PID 1) started, as tinycloud-cap counts them: on a
+    VM, /proc/uptime to a second or two; in a container, its own time, where /proc/uptime is
+    the host's."""
+    up = float(Path("/proc/uptime").read_text().split()[0])
+    try:
+        fields = Path("/proc/1/stat").read_text().rsplit(")", 1)[1].split()  # after "1 (comm)"
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime: ticks after boot
+    except (OSError, IndexError, ValueError):  # /proc mounted hidepid: on a VM they agree
+        return up
+    return max(0.0, up - started)
 
 
 def vm_info(settings: Path, boot_log: Path) -> dict:
