@@ -154,18 +154,18 @@ def merge_packed(
     """
     if len(batches) < 2 or any(set(b) != PACKED_KEYS for b in batches):
         return batches if shape is None else [shape(b) for b in batches]
+    plain = shape is None
     shape = shape or (lambda row: row)
-    groups: list[list[dict[str, Any]]] = [[batches[0]]]
-    rows = [shape(batches[0])]
+    last, rows = batches[0], [shape(batches[0])]  # the last row, before and after shaping
     for b in batches[1:]:
-        joined = shape(_join_packed([*groups[-1], b]))
+        together = _join_packed([last, b])  # joining a joined row again is joining them all
+        joined = shape(together)
         if joined["input_ids"].shape[1] <= max_tokens:
-            groups[-1].append(b)
-            rows[-1] = joined
+            last, rows[-1] = together, joined
         else:
-            groups.append([b])
+            last = b
             rows.append(shape(b))
-    if len(rows) == len(batches) and all(r is b for r, b in zip(rows, batches, strict=True)):
+    if plain and len(rows) == len(batches):
         return batches  # nothing joined, nothing shaped
     return [{} for _ in range(len(batches) - len(rows))] + rows
 

@@ -425,12 +425,16 @@ def _idle_journal(vm, since: str) -> str:
     return vm.root(f"journalctl -u tinycloud-idle --no-pager -o cat --since '{since}'").stdout
 
 
-def _run_status(vm, name: str) -> str:
+def _run_json(vm, name: str) -> dict:
+    """The run's run.json on the VM's disk ({} until the job has written it)."""
     try:
-        meta = json.loads((vm.home() / f"tinycloud/runs/{name}/run.json").read_text())
+        return json.loads((vm.home() / f"tinycloud/runs/{name}/run.json").read_text())
     except (OSError, ValueError):
-        return ""
-    return meta.get("status", "")
+        return {}
+
+
+def _run_status(vm, name: str) -> str:
+    return _run_json(vm, name).get("status", "")
 
 
 def _fab_ok(fab, env, *args):
@@ -494,8 +498,9 @@ def test_past_the_cap_the_running_job_checkpoints_and_the_vm_powers_off(fab, boo
     started = fab(vm.env, "train", "finetune", "--name", "vm-capped", "--args", flags)
     assert started.code == 0, started.text
     run_dir = vm.home() / "tinycloud/runs/vm-capped"
-    wait_for("a step of the job", lambda: _run_field(run_dir, "step", 0) >= 1, 240, 1)
-    assert _run_field(run_dir, "status", "") == "running"
+    wait_for("a step of the job", lambda: (_run_json(vm, "vm-capped").get("step") or 0) >= 1,
+             240, 1)  # fmt: skip
+    assert _run_status(vm, "vm-capped") == "running"
 
     knob = vm.machine.root / "etc/systemd/system" / CAP_KNOB
     knob.parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +514,7 @@ def test_past_the_cap_the_running_job_checkpoints_and_the_vm_powers_off(fab, boo
     assert code == 0, f"not powered off ({code}):\n{vm.machine.console_tail()}"
 
     # Read from the powered-off disk: the job stopped as asked, with a checkpoint to resume.
-    assert _run_field(run_dir, "status", "") == "interrupted", (run_dir / "run.json").read_text()
+    assert _run_status(vm, "vm-capped") == "interrupted", _run_json(vm, "vm-capped")
     assert "got SIGTERM: stopping at the next safe point" in (run_dir / "train.log").read_text()
     said = (run_dir / "console.log").read_text()  # the job's stderr, as `fab logs` shows it
     assert "interrupted by SIGTERM; continue with --resume --name vm-capped" in said, said[-2000:]
@@ -524,10 +529,3 @@ def test_past_the_cap_the_running_job_checkpoints_and_the_vm_powers_off(fab, boo
     said = journal.stdout
     assert "the cap is 1 h (maxRunHours): stopping" in said, journal.stdout + journal.stderr
     assert said.index("asking job group") < said.index("powering off"), said
-
-
-def _run_field(run_dir: Path, key: str, default):
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get(key) or default
-    except (OSError, ValueError):
-        return default
