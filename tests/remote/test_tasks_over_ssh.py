@@ -92,19 +92,30 @@ def test_sftp_sync_sends_only_changed_files_and_deletes_stale_ones(fab, vm, sshd
     assert "code: 0 file(s) updated" in again.out, again.text
 
 
-def test_setup_waits_for_cloud_init_marker(fab, vm, sshd):
+def test_setup_waits_for_cloud_init_marker(vm, sshd):
+    """setup waits while the first boot has left no ready marker, and goes on once it appears.
+
+    The marker is written only after setup has said it is waiting: a timer would race fab's
+    own start-up on a loaded machine (setup then found the marker at once and never waited)."""
     marker = sshd.inbox / "ready-later"  # where the login user may look
-    env = {**vm, "TINYCLOUD_READY_MARKER": str(marker)}
-    timer = threading.Timer(1.5, marker.write_text, args=("ok\n",))
-    timer.start()
+    env = {**vm, "TINYCLOUD_READY_MARKER": str(marker), "PYTHONUNBUFFERED": "1"}
+    proc = fab_cli(env, "setup")
+    watchdog = threading.Timer(300, proc.kill)  # a setup that never waits must not hang the test
+    watchdog.start()
+    lines = []
     try:
-        started = time.monotonic()
-        r = fab(env, "setup")
+        for line in proc.stdout:
+            lines.append(line)
+            if "waiting for cloud-init to finish" in line and not marker.exists():
+                marker.write_text("ok\n")
+        code = proc.wait()
     finally:
-        timer.cancel()
-    assert r.code == 0, r.text
-    assert "waiting for cloud-init to finish" in r.out
-    assert time.monotonic() - started >= 1.0
+        watchdog.cancel()
+        proc.kill()
+    out = "".join(lines)
+    assert code == 0, out
+    assert marker.exists(), f"setup never said it was waiting:\n{out}"
+    assert out.index("waiting for cloud-init to finish") < out.index("ready: "), out
 
 
 def test_ssh_prints_a_command_that_logs_in_with_the_pinned_host_key(fab, vm, sshd):
