@@ -100,7 +100,7 @@ def test_setup_waits_for_cloud_init_marker(vm, sshd):
     marker = sshd.inbox / "ready-later"  # where the login user may look
     env = {**vm, "TINYCLOUD_READY_MARKER": str(marker), "PYTHONUNBUFFERED": "1"}
     proc = fab_cli(env, "setup")
-    watchdog = threading.Timer(300, proc.kill)  # a setup that never waits must not hang the test
+    watchdog = threading.Timer(300, proc.kill)  # setup waits up to 15 min: not the test
     watchdog.start()
     lines = []
     try:
