@@ -72,8 +72,8 @@
     for (const key of Object.keys(DEFAULTS)) {
       const text = String(raw[key] ?? "");
       if (key === "seed") {
-        const n = text.trim() === "" ? null : Number(text);
-        out.seed = n === null ? null : Number.isSafeInteger(n) ? n : text;
+        const n = Number(text);
+        out.seed = text.trim() === "" ? null : Number.isSafeInteger(n) ? n : text;
       } else if (NUMBER_SETTINGS.includes(key)) {
         const n = text.trim() === "" ? NaN : Number(text);
         out[key] = Number.isFinite(n) ? n : DEFAULTS[key];
@@ -113,7 +113,7 @@
       p.temperature = settings.temperature;
       if (settings.top_p !== 1) p.top_p = settings.top_p;
       if (settings.top_k !== 0) p.top_k = Math.trunc(settings.top_k);
-      if (![null, undefined, ""].includes(settings.seed)) p.seed = settings.seed; // "": the default
+      if ((settings.seed ?? "") !== "") p.seed = settings.seed; // "": the default, as stored
     } else {
       p.do_sample = false;
     }
